@@ -1,0 +1,96 @@
+"""The `imgclf` console script: one subcommand per DVC stage, plus predict."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+# TensorFlow's C++ start-up chatter hides our own messages; users can still set it lower.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so runs end KILLED and temp files are cleaned up."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _params(args) -> dict:
+    """The whole params file, overrides applied, validated before any stage does work."""
+    from imgclf.config import load_params
+
+    return load_params(args.params, args.overrides)
+
+
+def cmd_validate(args) -> None:
+    _params(args)
+    print(f"{args.params}: OK")
+
+
+def cmd_prepare(args) -> None:
+    from imgclf import data
+
+    data.main(_params(args))
+
+
+def cmd_train(args) -> None:
+    from imgclf import train
+
+    train.main(_params(args))
+
+
+def cmd_evaluate(args) -> None:
+    from imgclf import evaluate
+
+    evaluate.main(_params(args))
+
+
+def cmd_predict(args) -> None:
+    from imgclf import predict
+
+    predict.main(args.images, run_id=args.run, model_path=args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Subcommands named after the DVC stages they implement."""
+    parser = argparse.ArgumentParser(prog="imgclf", description="Reproducible CIFAR-style image classification.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params value for this command only, e.g. -S train.learning_rate=0.0005")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("validate", help="check params.yaml and exit").set_defaults(func=cmd_validate)
+    sub.add_parser("prepare", help="data -> data/prepared/ arrays + manifest.json").set_defaults(func=cmd_prepare)
+    sub.add_parser("train", help="train the report's CNN -> models/model.keras").set_defaults(func=cmd_train)
+    sub.add_parser("evaluate", help="F1 and friends -> reports/metrics.json").set_defaults(func=cmd_evaluate)
+    predict = sub.add_parser("predict", help="print class and probability per image")
+    predict.add_argument("images", nargs="+", help="image files (any size; converted to 32x32 RGB)")
+    source = predict.add_mutually_exclusive_group()
+    source.add_argument("--run", help="MLflow run id whose logged model to use")
+    source.add_argument("--model", help="a saved .keras model (default: models/model.keras)")
+    predict.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; user errors print one line and exit 2, interrupts exit 130."""
+    from imgclf.io import ImgclfError
+
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        args.func(args)
+    except ImgclfError as exc:
+        print(f"imgclf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"imgclf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Small file helpers shared by every stage: one error type, atomic writes, digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+class ImgclfError(Exception):
+    """A user-facing error: the CLI prints its one-line message and exits 2."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)` then rename tmp over `path`, so readers never see a partial file.
+
+    The temp file lives in the destination folder (same filesystem, so the rename is atomic)
+    and keeps the destination's suffix because some writers (Keras, matplotlib) pick the
+    format from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as pretty, key-sorted JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Read JSON written by an earlier stage; a missing or broken file names the stage to run."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ImgclfError(f"{path}: not found; run the stage that writes the {what} first (dvc repro)") from None
+    except json.JSONDecodeError as exc:
+        raise ImgclfError(f"{path}: not valid JSON ({exc}); rerun the stage that writes the {what}") from None
+
+
+def new_temp_dir(dest: str | Path) -> Path:
+    """A fresh empty folder beside `dest`, to be filled then moved into place by `replace_dir`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+
+
+def replace_dir(tmp: Path, dest: str | Path) -> Path:
+    """Move the finished folder `tmp` to `dest`, replacing what was there.
+
+    Two renames: the old folder is moved aside first, so at any instant `dest` is either
+    the complete old folder, absent, or the complete new one.
+    """
+    dest = Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Streaming sha256 of a file (archives can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_array(array: np.ndarray) -> str:
+    """sha256 over dtype, shape and the C-ordered bytes, so equal digests mean equal arrays."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()

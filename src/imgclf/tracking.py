@@ -1,0 +1,228 @@
+"""MLflow tracking: one pipeline run = one MLflow run, opened by `train` and closed by `evaluate`.
+
+Tracking URI: MLFLOW_TRACKING_URI when set, else `sqlite:///<repo>/mlflow.db` with artifacts in
+`<repo>/mlruns`, where <repo> is DVC_ROOT when DVC runs us (queued experiments run in temporary
+copies that DVC deletes) or the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import keras
+import mlflow
+import yaml
+
+from imgclf.config import flatten
+from imgclf.io import ImgclfError
+
+KILLED_BY = (KeyboardInterrupt, SystemExit)
+
+
+class TrackingError(ImgclfError):
+    """The tracking server or store cannot be used, or a run id is unknown."""
+
+
+def repo_root() -> Path:
+    """The project root: DVC_ROOT under `dvc repro`/`dvc exp run`, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri() -> tuple[str, bool]:
+    """(uri, is_default): the user's MLFLOW_TRACKING_URI or the repo's own sqlite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri, False
+    return f"sqlite:///{repo_root() / 'mlflow.db'}", True
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError with one line naming the URI when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it or fix/unset MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def configure() -> tuple[str, bool]:
+    """Point MLflow at the tracking store and fail fast when a server is unreachable."""
+    uri, is_default = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri, is_default
+
+
+def git_facts(root: Path) -> dict[str, str]:
+    """Commit and dirty flag of the repo (tracked files only), or 'unknown' outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain", "-uno")))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    """Everything that can break bit-identity between two runs: versions, device, threads."""
+    import numpy
+    import tensorflow as tf
+
+    return {
+        "python_version": platform.python_version(),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "numpy_version": numpy.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "cpu_count": str(os.cpu_count()),
+        "tf_intra_op_threads": str(tf.config.threading.get_intra_op_parallelism_threads()),
+        "tf_inter_op_threads": str(tf.config.threading.get_inter_op_parallelism_threads()),
+    }
+
+
+def _end_status(exc: BaseException | None) -> str:
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, KILLED_BY) else "FAILED"
+
+
+class Tracker:
+    """The configured MLflow store and experiment; opens and reopens pipeline runs."""
+
+    def __init__(self, experiment_id: str, register_as: str | None):
+        self.experiment_id, self.register_as = experiment_id, register_as
+
+    @classmethod
+    def connect(cls, tracking_cfg: dict) -> "Tracker":
+        """Point MLflow at the store, fail fast when unreachable, and get or create the experiment."""
+        uri, is_default = configure()
+        name = tracking_cfg["experiment"]
+        try:
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                artifacts = (repo_root() / "mlruns").as_uri() if is_default else None
+                return cls(mlflow.create_experiment(name, artifact_location=artifacts), tracking_cfg["register_model"])
+        except mlflow.exceptions.MlflowException as exc:
+            raise TrackingError(f"MLflow tracking store {uri}: {str(exc).splitlines()[0]}") from None
+        return cls(experiment.experiment_id, tracking_cfg["register_model"])
+
+    @contextlib.contextmanager
+    def training_run(self, params: dict, manifest: dict, model, device: str) -> Iterator["TrainingRun"]:
+        """A new run holding params and lineage; it ends FAILED on an error and KILLED on Ctrl-C/SIGTERM."""
+        if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run already: log into it
+            run = mlflow.start_run()
+        else:
+            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
+        try:
+            handle = TrainingRun(run.info.run_id, self.register_as)
+            handle.log_start(params, manifest, model, device)
+            yield handle
+        except BaseException as exc:
+            mlflow.end_run(_end_status(exc))
+            raise
+        mlflow.end_run("FINISHED")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def reopen(run_id: str) -> Iterator[str]:
+        """Resume the training run for evaluation; ends it FINISHED, FAILED or KILLED."""
+        try:
+            mlflow.start_run(run_id=run_id)
+        except mlflow.exceptions.MlflowException as exc:
+            raise TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; rerun the train stage") from None
+        try:
+            yield run_id
+        except BaseException as exc:
+            mlflow.end_run(_end_status(exc))
+            raise
+        mlflow.end_run("FINISHED")
+
+
+class TrainingRun:
+    """What `train` logs into its MLflow run: start facts, per-epoch metrics, the end of training."""
+
+    def __init__(self, run_id: str, register_as: str | None):
+        self.run_id, self.register_as = run_id, register_as
+
+    def log_start(self, params: dict, manifest: dict, model, device: str) -> None:
+        """Params as used (flattened with dots), lineage and environment tags, the data as an input."""
+        mlflow.log_params({**flatten(params), "model.num_params": model.count_params()})
+        mlflow.set_tags({
+            **git_facts(repo_root()),
+            **environment_tags(device),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "data_digest": manifest["digest"],
+            "dataset": manifest["dataset"],
+        })
+        mlflow.log_text(yaml.safe_dump(params, sort_keys=False), "params.yaml")
+        mlflow.log_dict(manifest, "data/manifest.json")
+        mlflow.log_input(_prepared_dataset(manifest), context="training")
+
+    def epoch_callback(self):
+        """A Keras callback logging each epoch's metrics with step = epoch (1-based)."""
+        return EpochLogger()
+
+    def log_training_end(self, summary: dict, model, reports_dir: Path) -> None:
+        """Early-stop facts (params, tags and a metric point at the stop), artifacts and the model."""
+        early = {k: summary[k] for k in ("early_stopped", "stopped_epoch", "best_epoch", "best_loss")}
+        mlflow.log_params(early)
+        mlflow.set_tags({**{k: str(v) for k, v in early.items()}, "weights_sha256": summary["weights_sha256"],
+                         "early_stopping_monitor": summary["monitor"],
+                         "early_stopping_patience": str(summary["patience"])})
+        if summary["early_stopped"]:
+            mlflow.log_metric("early_stopped", 1.0, step=summary["stopped_epoch"])
+        mlflow.log_metric("epochs_run", summary["epochs_run"])
+        for name in ("history.csv", "loss.png"):
+            mlflow.log_artifact(str(reports_dir / name))
+        log_keras_model(model, self.register_as)
+
+
+def _prepared_dataset(manifest: dict):
+    """An MLflow dataset entry for the prepared arrays, its digest taken from the manifest."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    source = LocalArtifactDatasetSource(str(manifest["source"].get("path") or f"bundled:{manifest['dataset']}"))
+    # MLflow caps dataset digests at 36 characters; the full sha256 is the data_digest tag.
+    return MetaDataset(source=source, name=f"{manifest['dataset']}-prepared", digest=manifest["digest"][:36])
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs each epoch's loss, loss_sum, dev metrics, early-stopping wait and time at step = epoch."""
+
+    KEYS = ("loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
+            "early_stopping_wait", "epoch_seconds")
+
+    def on_epoch_end(self, epoch, logs=None):
+        mlflow.log_metrics({k: float(logs[k]) for k in self.KEYS if k in logs}, step=epoch + 1)
+
+
+def log_keras_model(model, register_as: str | None) -> None:
+    """Log the Keras model with a signature (input_example crashes in MLflow 3.17) for pyfunc use."""
+    import numpy as np
+    import tensorflow as tf
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.input_shape[1:]), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.output_shape[-1]), "logits")]),
+    )
+    # Explicit requirements: MLflow's inference would import the model in a subprocess (slow).
+    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements,
+                           registered_model_name=register_as)
+

@@ -1,0 +1,175 @@
+"""The `train` stage: fit the report's CNN on the prepared arrays, save model, history and plots."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from imgclf import tracking
+from imgclf.data import PREPARED_DIR, load_prepared
+from imgclf.io import atomic_write, sha256_bytes, write_json
+
+MODEL_PATH = "models/model.keras"
+REPORTS_DIR = "reports"
+HISTORY_COLUMNS = (
+    "epoch", "loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
+    "early_stopping_wait", "epoch_seconds",
+)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TF from params.yaml and make TF ops deterministic (never the clock)."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def device_name() -> str:
+    """'GPU: <name>' when TensorFlow sees a GPU (it then trains there), else 'CPU: <processor>'."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"GPU: {details.get('device_name', gpus[0].name)} (x{len(gpus)})"
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+    """uint8 arrays -> shuffled (reshuffled every epoch, from the seed), batched, float32, prefetched."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    # The cast runs inside the tf.data graph; the model's Rescaling layer does the scaling.
+    ds = ds.map(lambda xb, yb: (tf.cast(xb, tf.float32), yb), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def progress_verbosity() -> int:
+    """Keras' live progress bar with ETA on a terminal; one line per epoch under CI or in logs."""
+    return 2 if os.environ.get("CI") or not sys.stdout.isatty() else 1
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every weight array in order: equal hashes mean bit-identical models."""
+    digest = _io.BytesIO()
+    for w in model.get_weights():
+        digest.write(np.ascontiguousarray(w).tobytes())
+    return sha256_bytes(digest.getvalue())
+
+
+def write_history(history: list[dict], reports_dir: Path) -> Path:
+    """reports/history.csv (one row per epoch, a DVC plot) and reports/loss.png."""
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    path = atomic_write(reports_dir / "history.csv", lambda tmp: tmp.write_text(buf.getvalue()))
+    plot_loss(history, reports_dir / "loss.png")
+    return path
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    """Train and dev loss per epoch as a PNG (DVC's HTML plots need a CDN; this works offline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [row["loss"] for row in history], marker="o", label="train loss (mean)")
+    ax.plot(epochs, [row["dev_loss"] for row in history], marker="o", label="dev loss")
+    ax.set(xlabel="epoch", ylabel="loss (cross-entropy + L2)", title="Loss per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+
+
+def fit(model, splits: dict, params: dict, extra_callbacks: list) -> tuple[list[dict], dict]:
+    """Run model.fit with the report's loss sum, its early stop and per-epoch dev metrics."""
+    from imgclf.callbacks import DevMetrics, EarlyStopLogger, EpochLossSum, EpochTimer, StopOnNonFiniteLoss
+
+    cfg = params["train"]
+    (x_train, y_train), (x_dev, y_dev) = splits["train"], splits["dev"]
+    num_classes = model.output_shape[-1]
+    early = EarlyStopLogger(cfg["early_stopping"]["monitor"], cfg["early_stopping"]["patience"])
+    callbacks = [
+        EpochTimer(),
+        StopOnNonFiniteLoss(),
+        EpochLossSum(len(x_train), cfg["batch_size"]),
+        DevMetrics(x_dev, y_dev, num_classes, cfg["batch_size"]),
+        early,
+        *extra_callbacks,  # after `early`, so trackers see early_stopping_wait
+    ]
+    result = model.fit(
+        make_dataset(x_train, y_train, cfg["batch_size"], params["seed"]),
+        epochs=cfg["training_epochs"],
+        callbacks=callbacks,
+        verbose=progress_verbosity(),
+    )
+    keys = result.history.keys()
+    history = [
+        {"epoch": i + 1, **{k: float(result.history[k][i]) for k in keys}} for i in range(len(result.history["loss"]))
+    ]
+    return history, early.summary()
+
+
+def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
+          reports_dir: str | Path = REPORTS_DIR) -> dict:
+    """Seed, load data, build the net, fit under an MLflow run, then save model and reports."""
+    from imgclf.model import build_model, compile_model
+
+    start = time.perf_counter()
+    reports_dir = Path(reports_dir)
+    # 1. Fail fast on an unreachable tracking server, before any expensive work.
+    tracker = tracking.Tracker.connect(params["tracking"])
+    # 2. Seed everything from params.yaml and load the prepared arrays.
+    seed_everything(params["seed"])
+    splits, manifest = load_prepared(prepared_dir)
+    # 3. Build the report's net.
+    model = build_model(params["model"], params["train"], num_classes=len(manifest["classes"]))
+    compile_model(model, params["train"]["learning_rate"])
+    device = device_name()
+    print(f"Training on {device}: {model.count_params():,} parameters, "
+          f"{len(splits['train'][0])} train / {len(splits['dev'][0])} dev images")
+    # 4. Fit inside one MLflow run; a crash or Ctrl-C ends it FAILED / KILLED.
+    with tracker.training_run(params, manifest, model, device) as run:
+        history, early = fit(model, splits, params, [run.epoch_callback()])
+        # 5. Save everything atomically: a killed process never leaves a half-written output.
+        atomic_write(model_path, lambda tmp: model.save(tmp))
+        write_history(history, reports_dir)
+        summary = {
+            **early,
+            "epochs_run": len(history),
+            "weights_sha256": weights_sha256(model),
+            "num_params": model.count_params(),
+            "device": device,
+            "train_seconds": round(time.perf_counter() - start, 2),
+            "data_digest": manifest["digest"],
+            "mlflow_run_id": run.run_id,
+        }
+        run.log_training_end(summary, model, reports_dir)
+    write_json(reports_dir / "train.json", summary)
+    return summary
+
+
+def main(params: dict) -> dict:
+    """Entry point of `imgclf train` (the DVC train stage)."""
+    summary = train(params)
+    stop = f"early-stopped at epoch {summary['stopped_epoch']}" if summary["early_stopped"] else "ran every epoch"
+    print(f"Trained {summary['epochs_run']} epochs ({stop}, best epoch {summary['best_epoch']}) in "
+          f"{summary['train_seconds']:.0f} s; model -> {MODEL_PATH}; MLflow run {summary['mlflow_run_id']}")
+    return summary
