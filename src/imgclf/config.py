@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,22 @@ from imgclf.io import ImgclfError
 PARAMS_FILE = "params.yaml"
 DATASETS = ("digits", "cifar10", "folder", "npz")
 MONITORS = ("loss", "val_loss")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-4` as a string, DVC's ruamel as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    """Parse params text the way DVC does, so `-S train.learning_rate=1e-4` means a number."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ImgclfError):
@@ -146,7 +163,7 @@ def apply_overrides(params: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {section} is not a section")
         try:
-            node[leaf] = yaml.safe_load(raw)
+            node[leaf] = parse_yaml(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
     return params
@@ -160,7 +177,7 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> di
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the project root or pass --params PATH") from None
     try:
-        params = yaml.safe_load(text)
+        params = parse_yaml(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""

@@ -1,0 +1,128 @@
+"""params.yaml validation: every problem reported at once, by name, before any work."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import REPO
+from imgclf.config import ConfigError, flatten, load_params, validate
+
+DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def params_with(**changes):
+    """The repo's params.yaml with dotted keys replaced."""
+    params = copy.deepcopy(DEFAULT)
+    for key, value in changes.items():
+        *sections, leaf = key.split(".")
+        node = params
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
+    return params
+
+
+def test_repo_params_are_the_reports_settings():
+    params = load_params(REPO / "params.yaml")
+    assert params["seed"] == 51
+    assert params["train"] == {
+        "learning_rate": 0.001, "training_epochs": 50, "batch_size": 128, "regularization_strength": 0.01,
+        "keep_prob": 0.6, "early_stopping": {"monitor": "loss", "patience": 5},
+    }
+    assert params["model"]["input_scale"] == 1.0
+    assert params["data"]["dataset"] == "digits"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.keep_prob", 0, "train.keep_prob=0: must be in (0, 1]"),
+    ("train.keep_prob", 1.5, "train.keep_prob=1.5: must be in (0, 1]"),
+    ("train.learning_rate", 0, "train.learning_rate=0: must be > 0"),
+    ("train.learning_rate", "fast", "train.learning_rate: must be a number, got 'fast'"),
+    ("train.batch_size", 0, "train.batch_size=0: must be >= 1"),
+    ("train.batch_size", 12.5, "train.batch_size: must be an integer"),
+    ("train.training_epochs", 0, "train.training_epochs=0: must be >= 1"),
+    ("train.early_stopping.patience", -1, "train.early_stopping.patience=-1: must be >= 0"),
+    ("train.early_stopping.monitor", "acc", "must be one of loss, val_loss"),
+    ("data.dev_fraction", 1, "data.dev_fraction=1: must be in (0, 1)"),
+    ("data.dev_fraction", 0, "data.dev_fraction=0: must be in (0, 1)"),
+    ("data.dataset", "mnist", "must be one of digits, cifar10, folder, npz"),
+    ("model.conv_blocks", [], "model.conv_blocks=[]: must be a non-empty list"),
+    ("model.conv_blocks", [[64, 0]], "model.conv_blocks=[[64, 0]]"),
+    ("model.conv_blocks", [[]], "model.conv_blocks=[[]]"),
+    ("model.dense_units", [-1], "model.dense_units=[-1]"),
+    ("seed", True, "seed: must be an integer, got True"),
+    ("seed", None, "seed: must be an integer, got null"),
+])
+def test_bad_values_are_named(key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(params_with(**{key: value}))
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_keys_rejected_at_any_depth_with_suggestion():
+    params = copy.deepcopy(DEFAULT)
+    params["train"]["keep_prop"] = 0.5
+    params["train"]["early_stopping"]["patiense"] = 3
+    params["extra"] = 1
+    with pytest.raises(ConfigError) as err:
+        validate(params)
+    msg = str(err.value)
+    assert "train.keep_prop: unknown key (did you mean train.keep_prob?)" in msg
+    assert "train.early_stopping.patiense: unknown key (did you mean train.early_stopping.patience?)" in msg
+    assert "extra: unknown key" in msg
+
+
+def test_all_problems_reported_at_once_and_missing_keys():
+    params = copy.deepcopy(DEFAULT)
+    del params["train"]["batch_size"]
+    params["train"]["keep_prob"] = 0
+    params["data"] = "digits"
+    msg = str(pytest.raises(ConfigError, validate, params).value)
+    assert "train.batch_size: missing" in msg
+    assert "train.keep_prob=0" in msg
+    assert "data: must be a section" in msg
+
+
+def test_nullables_accept_null_and_ints_count_as_numbers():
+    validate(params_with(**{"data.path": None, "data.max_train_samples": None, "train.learning_rate": 1}))
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 51\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_params(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_params(bad)
+
+
+def test_overrides_apply_then_validate(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    params = load_params(path, ["train.learning_rate=0.0005", "model.dense_units=[]"])
+    assert params["train"]["learning_rate"] == 0.0005 and params["model"]["dense_units"] == []
+    with pytest.raises(ConfigError, match="train.learnig_rate: unknown key"):
+        load_params(path, ["train.learnig_rate=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_params(path, ["train.learning_rate"])
+
+
+def test_exponent_floats_are_numbers_like_in_dvc(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text().replace("learning_rate: 0.001", "learning_rate: 1e-4"))
+    assert load_params(path)["train"]["learning_rate"] == 1e-4
+    assert load_params(path, ["train.learning_rate=1E+2"])["train"]["learning_rate"] == 100.0
+
+
+def test_flatten_uses_dots():
+    flat = flatten(DEFAULT)
+    assert flat["train.early_stopping.patience"] == 5
+    assert flat["model.conv_blocks"] == [[64, 64], [128, 128], [256, 256], [512, 512, 512]]
+    assert flat["seed"] == 51

@@ -1,0 +1,135 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1: what every pipeline run logs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, TINY, free_port, pipeline_env, run, set_args
+from imgclf.callbacks import EarlyStopLogger
+from imgclf.config import flatten
+from imgclf.model import load_model
+
+pytestmark = pytest.mark.e2e
+
+
+def finished_runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
+
+
+def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
+    experiment = f"side-by-side-{uuid.uuid4().hex[:8]}"
+    env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server)
+    base = TINY | {"tracking.experiment": experiment}
+    for lr in ("0.001", "0.0005"):
+        run(["dvc", "exp", "run", *set_args(base | {"train.learning_rate": lr})], repo_copy, env)
+
+    runs = finished_runs(mlflow_server, experiment)
+    assert [r.data.params["train.learning_rate"] for r in runs] == ["0.001", "0.0005"]
+    client = MlflowClient(mlflow_server)
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert set(flatten(params)) | {"model.num_params"} <= set(r.data.params)
+        assert r.data.params["data.dataset"] == "digits" and int(r.data.params["model.num_params"]) > 0
+        epochs = int(r.data.metrics["epochs_run"])
+        for key in ("loss", "loss_sum", "dev_loss", "early_stopping_wait", "epoch_seconds"):
+            history = client.get_metric_history(r.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
+        for key in ("dev_accuracy", "dev_f1_macro"):  # per epoch, then the evaluated value at the last step
+            steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, key))
+            assert steps == [*range(1, epochs + 1), epochs], key
+        assert r.data.tags["early_stopped"] == "False" and r.data.params["stopped_epoch"] == "0"
+        assert {"best_epoch", "best_loss"} <= set(r.data.params)
+        assert 0 <= r.data.metrics["dev_f1_macro"] <= 1 and "dev_accuracy" in r.data.metrics
+        assert {f"dev_f1_{c}" for c in "0123456789"} <= set(r.data.metrics)
+        assert r.data.tags["dvc_exp_name"] and r.info.run_name == r.data.tags["dvc_exp_name"]
+        assert len(r.data.tags["git_commit"]) == 40 and len(r.data.tags["weights_sha256"]) == 64
+        assert r.data.tags["tensorflow_version"] and r.data.tags["device"].startswith(("CPU", "GPU"))
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"history.csv", "loss.png", "confusion_matrix.png", "params.yaml", "data"} <= artifacts
+        assert r.inputs.dataset_inputs[0].dataset.digest == r.data.tags["data_digest"][:36]
+
+    # The last run's model, loaded through pyfunc, predicts exactly like the Keras model on disk.
+    metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
+    assert metrics["mlflow_run_id"] == runs[-1].info.run_id
+    mlflow.set_tracking_uri(mlflow_server)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{runs[-1].info.run_id}/model")
+    x = np.load(repo_copy / "data/prepared/x_dev.npy")[:8].astype(np.float32)
+    expected = load_model(str(repo_copy / "models/model.keras")).predict(x, verbose=0)
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(x)), expected, rtol=1e-5, atol=1e-5)
+
+    # imgclf predict uses the same logged model.
+    image = repo_copy / "digit.png"
+    keras.utils.save_img(str(image), np.load(repo_copy / "data/prepared/x_dev.npy")[0])
+    out = run(["imgclf", "predict", str(image), "--run", runs[-1].info.run_id], repo_copy, env).stdout
+    name, prob = out.strip().split("\t")[1:]
+    assert name in "0123456789" and 0 < float(prob) <= 1
+
+
+def test_nan_loss_ends_the_run_failed_and_writes_no_model(repo_copy, mlflow_server):
+    experiment = f"nan-{uuid.uuid4().hex[:8]}"
+    env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server)
+    run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
+    proc = run(["imgclf", *set_args(TINY | {"tracking.experiment": experiment, "train.learning_rate": "1e30"}),
+                "train"], repo_copy, env, check=False)
+    assert proc.returncode == 2 and "lower train.learning_rate" in proc.stderr
+    assert [r.info.status for r in finished_runs(mlflow_server, experiment)] == ["FAILED"]
+    assert not (repo_copy / "models/model.keras").exists()
+
+
+def test_unreachable_server_fails_before_training(repo_copy):
+    uri = f"http://127.0.0.1:{free_port()}"
+    env = pipeline_env(MLFLOW_TRACKING_URI=uri)
+    run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
+    proc = run(["imgclf", *set_args(TINY), "train"], repo_copy, env, check=False)
+    assert proc.returncode == 2
+    assert f"MLflow tracking server {uri} is unreachable" in proc.stderr
+    assert "Epoch" not in proc.stdout and not (repo_copy / "models").exists()
+
+
+def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monkeypatch):
+    from imgclf import tracking, train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.chdir(tmp_path)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    crafted = iter([9.0, 8.0, 8.5, 8.6, 7.0, 7.5, 7.6, 7.7])  # patience 2: stops at epoch 8
+
+    class Crafted(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs.update(loss_sum=next(crafted), dev_loss=1.0, dev_accuracy=0.5, dev_f1_macro=0.5, epoch_seconds=0.1)
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"]["experiment"] = f"crafted-{uuid.uuid4().hex[:8]}"
+    tracker = tracking.Tracker.connect(params["tracking"])
+    manifest = {"digest": "d" * 64, "dataset": "digits", "source": {"path": None}}
+    early = EarlyStopLogger("loss", patience=2)
+    with tracker.training_run(params, manifest, model, "CPU: test") as handle:
+        result = model.fit(np.zeros((4, 32, 32, 3)), np.zeros(4), epochs=20, verbose=0,
+                           callbacks=[Crafted(), early, handle.epoch_callback()])
+        history = [{"epoch": i + 1, **{k: v[i] for k, v in result.history.items()}} for i in range(8)]
+        train.write_history(history, tmp_path)
+        summary = {**early.summary(), "epochs_run": 8, "weights_sha256": train.weights_sha256(model)}
+        handle.log_training_end(summary, model, tmp_path)
+
+    (r,) = finished_runs(mlflow_server, params["tracking"]["experiment"])
+    assert r.data.params["early_stopped"] == "True" and r.data.tags["early_stopped"] == "True"
+    assert r.data.params["stopped_epoch"] == "8" and r.data.params["best_epoch"] == "5"
+    assert r.data.params["best_loss"] == "7.0"
+    stop_points = MlflowClient(mlflow_server).get_metric_history(r.info.run_id, "early_stopped")
+    assert [(m.step, m.value) for m in stop_points] == [(8, 1.0)]
+    waits = MlflowClient(mlflow_server).get_metric_history(r.info.run_id, "early_stopping_wait")
+    assert [m.value for m in sorted(waits, key=lambda m: m.step)] == [0, 0, 1, 2, 0, 1, 2, 3]
