@@ -133,3 +133,49 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
     assert [(m.step, m.value) for m in stop_points] == [(8, 1.0)]
     waits = MlflowClient(mlflow_server).get_metric_history(r.info.run_id, "early_stopping_wait")
     assert [m.value for m in sorted(waits, key=lambda m: m.step)] == [0, 0, 1, 2, 0, 1, 2, 3]
+
+
+def wait_for_metric(client: MlflowClient, experiment: str, key: str, timeout: float = 120.0):
+    """The first run of `experiment` once it has logged `key`, polling the server."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = finished_runs(client.tracking_uri, experiment)
+        if runs and key in runs[0].data.metrics:
+            return runs[0]
+        time.sleep(0.5)
+    pytest.fail(f"no run of {experiment} logged {key} within {timeout} s")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupt_ends_the_run_killed(repo_copy, mlflow_server, signal_name):
+    import signal
+    import subprocess
+
+    experiment = f"kill-{signal_name}-{uuid.uuid4().hex[:8]}"
+    env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server)
+    run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
+    cmd = ["imgclf", *set_args(TINY | {"tracking.experiment": experiment, "train.training_epochs": "500"}), "train"]
+    proc = subprocess.Popen(cmd, cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_metric(MlflowClient(mlflow_server), experiment, "loss")
+        proc.send_signal(getattr(signal, signal_name))
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in stderr
+    assert [r.info.status for r in finished_runs(mlflow_server, experiment)] == ["KILLED"]
+    assert not (repo_copy / "models/model.keras").exists()
+
+
+def test_mlproject_train_entry_point(repo_copy, mlflow_server):
+    experiment = f"mlproject-{uuid.uuid4().hex[:8]}"
+    env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_EXPERIMENT_NAME=experiment)
+    run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
+    run(["mlflow", "run", ".", "-e", "train", "-P", "learning_rate=0.0005", "-P", "training_epochs=1",
+         "--env-manager", "local", "--experiment-name", experiment], repo_copy, env)
+    (r,) = finished_runs(mlflow_server, experiment)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["train.learning_rate"] == "0.0005" and r.data.params["learning_rate"] == "0.0005"
+    assert r.data.metrics["epochs_run"] == 1 and (repo_copy / "models/model.keras").is_file()

@@ -122,6 +122,7 @@ class EarlyStopLogger(keras.callbacks.Callback):
             monitor="dev_loss", patience=patience, restore_best_weights=True, mode="min"
         )
         self.stopped_epoch = 0
+        self._resumed: tuple | None = None
 
     def set_model(self, model):
         super().set_model(model)
@@ -130,7 +131,29 @@ class EarlyStopLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.keras_rule:
-            self.keras_rule.on_train_begin(logs)
+            self.keras_rule.on_train_begin(logs)  # resets Keras' counters: resumed state goes on top
+        if self._resumed:
+            self._apply_state(*self._resumed)
+
+    def get_state(self) -> tuple[dict, list | None]:
+        """JSON-able counters for a checkpoint, plus Keras' best weights (val_loss) or None."""
+        rule = self.rule or self.keras_rule
+        state = {"stopped_epoch": self.stopped_epoch, "wait": rule.wait, "best": rule.best,
+                 "best_epoch": rule.best_epoch, "epochs_seen": getattr(rule, "epochs_seen", 0)}
+        return state, (self.keras_rule.best_weights if self.keras_rule else None)
+
+    def set_state(self, state: dict, best_weights: list | None) -> None:
+        """Continue from a checkpoint's counters (applied when fit() begins)."""
+        self._resumed = (state, best_weights)
+
+    def _apply_state(self, state: dict, best_weights: list | None) -> None:
+        rule = self.rule or self.keras_rule
+        self.stopped_epoch = state["stopped_epoch"]
+        rule.wait, rule.best, rule.best_epoch = state["wait"], state["best"], state["best_epoch"]
+        if self.rule:
+            self.rule.epochs_seen = state["epochs_seen"]
+        else:
+            self.keras_rule.best_weights = best_weights
 
     def on_epoch_end(self, epoch, logs=None):
         if self.rule:

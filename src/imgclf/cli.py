@@ -55,6 +55,12 @@ def cmd_predict(args) -> None:
     predict.main(args.images, run_id=args.run, model_path=args.model)
 
 
+def cmd_rerun(args) -> int:
+    from imgclf import rerun
+
+    return rerun.main(args.run_id)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands named after the DVC stages they implement."""
     parser = argparse.ArgumentParser(prog="imgclf", description="Reproducible CIFAR-style image classification.")
@@ -72,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--run", help="MLflow run id whose logged model to use")
     source.add_argument("--model", help="a saved .keras model (default: models/model.keras)")
     predict.set_defaults(func=cmd_predict)
+    rerun = sub.add_parser("rerun", help="retrain an MLflow run from its params; MATCH (exit 0) or DIFF (exit 1)")
+    rerun.add_argument("run_id", help="the MLflow run to reproduce (same prepared data required)")
+    rerun.set_defaults(func=cmd_rerun)
     return parser
 
 
@@ -82,14 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except ImgclfError as exc:
         print(f"imgclf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"imgclf {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` then rename tmp over `path`, so readers never see a partial file.
 
     The temp file lives in the destination folder (same filesystem, so the rename is atomic)
-    and keeps the destination's suffix because some writers (Keras, matplotlib) pick the
-    format from it.
+    and keeps the destination's suffixes because some writers (Keras, matplotlib) pick the
+    format from them (`x.weights.h5` -> `.x.1a2b.tmp.weights.h5`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    stem, *suffixes = path.name.split(".")
+    suffix = "".join(f".{s}" for s in suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -93,10 +93,15 @@ def environment_tags(device: str) -> dict[str, str]:
     }
 
 
-def _end_status(exc: BaseException | None) -> str:
-    if exc is None:
-        return "FINISHED"
-    return "KILLED" if isinstance(exc, KILLED_BY) else "FAILED"
+@contextlib.contextmanager
+def _ends_active_run() -> Iterator[None]:
+    """End the active run FINISHED, or KILLED (Ctrl-C/SIGTERM) / FAILED when the block raises."""
+    try:
+        yield
+    except BaseException as exc:
+        mlflow.end_run("KILLED" if isinstance(exc, KILLED_BY) else "FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 class Tracker:
@@ -120,20 +125,26 @@ class Tracker:
         return cls(experiment.experiment_id, tracking_cfg["register_model"])
 
     @contextlib.contextmanager
-    def training_run(self, params: dict, manifest: dict, model, device: str) -> Iterator["TrainingRun"]:
-        """A new run holding params and lineage; it ends FAILED on an error and KILLED on Ctrl-C/SIGTERM."""
-        if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run already: log into it
-            run = mlflow.start_run()
-        else:
-            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
-        try:
+    def training_run(self, params: dict, manifest: dict, model, device: str, resume_run_id: str | None = None,
+                     tags: dict | None = None) -> Iterator["TrainingRun"]:
+        """A run holding params and lineage (the interrupted one when resuming); it ends FAILED on an
+        error and KILLED on Ctrl-C/SIGTERM."""
+        run = self._start(resume_run_id)
+        with _ends_active_run():
             handle = TrainingRun(run.info.run_id, self.register_as)
-            handle.log_start(params, manifest, model, device)
+            handle.log_start(params, manifest, model, device, tags or {})
             yield handle
-        except BaseException as exc:
-            mlflow.end_run(_end_status(exc))
-            raise
-        mlflow.end_run("FINISHED")
+
+    def _start(self, resume_run_id: str | None):
+        """Reopen the run a checkpoint names, else join `mlflow run`'s run, else start a new one."""
+        if resume_run_id:
+            try:
+                return mlflow.start_run(run_id=resume_run_id)
+            except mlflow.exceptions.MlflowException:
+                print(f"MLflow run {resume_run_id} of the checkpoint is not in this store; starting a new run")
+        if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run already: log into it
+            return mlflow.start_run()
+        return mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
 
     @staticmethod
     @contextlib.contextmanager
@@ -143,12 +154,8 @@ class Tracker:
             mlflow.start_run(run_id=run_id)
         except mlflow.exceptions.MlflowException as exc:
             raise TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; rerun the train stage") from None
-        try:
+        with _ends_active_run():
             yield run_id
-        except BaseException as exc:
-            mlflow.end_run(_end_status(exc))
-            raise
-        mlflow.end_run("FINISHED")
 
 
 class TrainingRun:
@@ -157,7 +164,7 @@ class TrainingRun:
     def __init__(self, run_id: str, register_as: str | None):
         self.run_id, self.register_as = run_id, register_as
 
-    def log_start(self, params: dict, manifest: dict, model, device: str) -> None:
+    def log_start(self, params: dict, manifest: dict, model, device: str, tags: dict) -> None:
         """Params as used (flattened with dots), lineage and environment tags, the data as an input."""
         mlflow.log_params({**flatten(params), "model.num_params": model.count_params()})
         mlflow.set_tags({
@@ -166,10 +173,18 @@ class TrainingRun:
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "data_digest": manifest["digest"],
             "dataset": manifest["dataset"],
+            **tags,
         })
         mlflow.log_text(yaml.safe_dump(params, sort_keys=False), "params.yaml")
         mlflow.log_dict(manifest, "data/manifest.json")
         mlflow.log_input(_prepared_dataset(manifest), context="training")
+
+    def log_missing_epochs(self, history: list[dict]) -> None:
+        """After a resume: log the checkpointed epochs the interrupted process did not get to log."""
+        logged = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(self.run_id, "loss")}
+        for row in history:
+            if row["epoch"] not in logged:
+                EpochLogger.log(row, row["epoch"])
 
     def epoch_callback(self):
         """A Keras callback logging each epoch's metrics with step = epoch (1-based)."""
@@ -206,8 +221,12 @@ class EpochLogger(keras.callbacks.Callback):
     KEYS = ("loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
             "early_stopping_wait", "epoch_seconds")
 
+    @classmethod
+    def log(cls, logs: dict, step: int) -> None:
+        mlflow.log_metrics({k: float(logs[k]) for k in cls.KEYS if k in logs}, step=step)
+
     def on_epoch_end(self, epoch, logs=None):
-        mlflow.log_metrics({k: float(logs[k]) for k in self.KEYS if k in logs}, step=epoch + 1)
+        self.log(logs, epoch + 1)
 
 
 def log_keras_model(model, register_as: str | None) -> None:

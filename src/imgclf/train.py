@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import math
 import os
 import platform
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import tracking
+from imgclf import checkpoint, tracking
 from imgclf.data import PREPARED_DIR, load_prepared
 from imgclf.io import atomic_write, sha256_bytes, write_json
 
@@ -44,14 +45,28 @@ def device_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
-    """uint8 arrays -> shuffled (reshuffled every epoch, from the seed), batched, float32, prefetched."""
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    return math.ceil(num_samples / batch_size)
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int):
+    """Batches for epochs first_epoch..epochs-1, each epoch's order a stateless shuffle of (seed, epoch).
+
+    Deriving the order from the epoch number (not from an iterator's hidden state) is what lets a
+    resumed run see exactly the batches an uninterrupted run would. Batches are gathered from the
+    uint8 arrays inside the tf.data graph and cast to float32 there; the model's Rescaling scales.
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    # The cast runs inside the tf.data graph; the model's Rescaling layer does the scaling.
-    ds = ds.map(lambda xb, yb: (tf.cast(xb, tf.float32), yb), num_parallel_calls=tf.data.AUTOTUNE)
+    images, labels = tf.constant(x), tf.constant(y)
+    indices = tf.range(len(x), dtype=tf.int64)
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(indices, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
+    ds = ds.map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32), tf.gather(labels, idx)))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -98,56 +113,72 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def fit(model, splits: dict, params: dict, extra_callbacks: list) -> tuple[list[dict], dict]:
-    """Run model.fit with the report's loss sum, its early stop and per-epoch dev metrics."""
+def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: Path,
+        fingerprint: str) -> tuple[list[dict], dict]:
+    """model.fit with the report's loss sum and early stop, dev metrics, a checkpoint per epoch."""
     from imgclf.callbacks import DevMetrics, EarlyStopLogger, EpochLossSum, EpochTimer, StopOnNonFiniteLoss
 
-    cfg = params["train"]
+    cfg, seed = params["train"], params["seed"]
     (x_train, y_train), (x_dev, y_dev) = splits["train"], splits["dev"]
-    num_classes = model.output_shape[-1]
     early = EarlyStopLogger(cfg["early_stopping"]["monitor"], cfg["early_stopping"]["patience"])
+    first_epoch, done = (resume["epoch"], resume["history"]) if resume else (0, [])
+    if resume:
+        early.set_state(resume["early_stopping"], checkpoint.load_best_weights(resume, ckpt_dir))
+        if resume["early_stopping"]["stopped_epoch"]:
+            first_epoch = cfg["training_epochs"]  # it had stopped early: nothing left to train
+    saver = checkpoint.EpochCheckpoint(ckpt_dir, fingerprint, done, early, run.run_id)
     callbacks = [
         EpochTimer(),
         StopOnNonFiniteLoss(),
         EpochLossSum(len(x_train), cfg["batch_size"]),
-        DevMetrics(x_dev, y_dev, num_classes, cfg["batch_size"]),
+        DevMetrics(x_dev, y_dev, model.output_shape[-1], cfg["batch_size"]),
         early,
-        *extra_callbacks,  # after `early`, so trackers see early_stopping_wait
+        saver,  # before the MLflow logger: a resumed run re-logs any epoch the logger missed
+        run.epoch_callback(),
     ]
-    result = model.fit(
-        make_dataset(x_train, y_train, cfg["batch_size"], params["seed"]),
-        epochs=cfg["training_epochs"],
-        callbacks=callbacks,
-        verbose=progress_verbosity(),
-    )
-    keys = result.history.keys()
-    history = [
-        {"epoch": i + 1, **{k: float(result.history[k][i]) for k in keys}} for i in range(len(result.history["loss"]))
-    ]
-    return history, early.summary()
+    if first_epoch < cfg["training_epochs"]:
+        model.fit(
+            make_dataset(x_train, y_train, cfg["batch_size"], seed, first_epoch, cfg["training_epochs"]),
+            epochs=cfg["training_epochs"],
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps_per_epoch(len(x_train), cfg["batch_size"]),
+            shuffle=False,  # the dataset shuffles itself, per epoch, from the seed
+            callbacks=callbacks,
+            verbose=progress_verbosity(),
+        )
+    return saver.history, early.summary()
 
 
 def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
-          reports_dir: str | Path = REPORTS_DIR) -> dict:
-    """Seed, load data, build the net, fit under an MLflow run, then save model and reports."""
+          reports_dir: str | Path = REPORTS_DIR, ckpt_dir: str | Path = checkpoint.CHECKPOINT_DIR,
+          tags: dict | None = None) -> dict:
+    """Seed, load data, build the net (or resume it), fit under an MLflow run, save model and reports."""
     from imgclf.model import build_model, compile_model
 
     start = time.perf_counter()
-    reports_dir = Path(reports_dir)
+    reports_dir, ckpt_dir = Path(reports_dir), Path(ckpt_dir)
     # 1. Fail fast on an unreachable tracking server, before any expensive work.
     tracker = tracking.Tracker.connect(params["tracking"])
     # 2. Seed everything from params.yaml and load the prepared arrays.
     seed_everything(params["seed"])
     splits, manifest = load_prepared(prepared_dir)
-    # 3. Build the report's net.
+    # 3. Build the report's net; continue from a checkpoint of this very configuration if one exists.
     model = build_model(params["model"], params["train"], num_classes=len(manifest["classes"]))
     compile_model(model, params["train"]["learning_rate"])
+    fingerprint = checkpoint.fingerprint(params, manifest["digest"])
+    resume = checkpoint.load(ckpt_dir, fingerprint)
+    if resume:
+        checkpoint.restore(model, resume, ckpt_dir)
+        print(f"Resuming after epoch {resume['epoch']} from {ckpt_dir}")
     device = device_name()
     print(f"Training on {device}: {model.count_params():,} parameters, "
           f"{len(splits['train'][0])} train / {len(splits['dev'][0])} dev images")
-    # 4. Fit inside one MLflow run; a crash or Ctrl-C ends it FAILED / KILLED.
-    with tracker.training_run(params, manifest, model, device) as run:
-        history, early = fit(model, splits, params, [run.epoch_callback()])
+    # 4. Fit inside one MLflow run (the same run when resuming); a crash or Ctrl-C ends it FAILED / KILLED.
+    resume_run = resume["mlflow_run_id"] if resume else None
+    with tracker.training_run(params, manifest, model, device, resume_run, tags) as run:
+        if resume:
+            run.log_missing_epochs(resume["history"])
+        history, early = fit(model, splits, params, run, resume, ckpt_dir, fingerprint)
         # 5. Save everything atomically: a killed process never leaves a half-written output.
         atomic_write(model_path, lambda tmp: model.save(tmp))
         write_history(history, reports_dir)
@@ -163,6 +194,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
         }
         run.log_training_end(summary, model, reports_dir)
     write_json(reports_dir / "train.json", summary)
+    checkpoint.clear(ckpt_dir)
     return summary
 
 

@@ -1,0 +1,101 @@
+"""Resumable training: after every epoch, everything needed to continue bit-identically.
+
+A checkpoint is `state.json` plus the weights file it names (model + optimizer variables, Keras'
+`save_weights`). Keras does not save the dropout layers' RNG state, so the state records it; the
+data order needs no state because each epoch's shuffle is derived from (seed, epoch). A checkpoint
+belongs to one fingerprint (seed, model, train params and the prepared data's digest): any other
+configuration ignores it and starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from imgclf.io import atomic_write, write_json
+
+CHECKPOINT_DIR = "models/checkpoint"
+STATE = "state.json"
+
+
+def fingerprint(params: dict, data_digest: str) -> str:
+    """What must match for a checkpoint to be resumed: the training params and the data."""
+    key = {k: params[k] for k in ("seed", "model", "train")} | {"data_digest": data_digest}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _seed_states(model: keras.Model) -> list:
+    """The dropout layers' SeedGenerator state variables, in a stable order."""
+    return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+
+
+def load(ckpt_dir: str | Path, expected_fingerprint: str) -> dict | None:
+    """The saved state if it exists and matches this configuration, else None."""
+    path = Path(ckpt_dir) / STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        state = {}
+    if state.get("fingerprint") != expected_fingerprint or not (Path(ckpt_dir) / state.get("weights", "")).is_file():
+        print(f"Ignoring the checkpoint in {ckpt_dir}: it belongs to other params or data; starting afresh.")
+        clear(ckpt_dir)
+        return None
+    return state
+
+
+def restore(model: keras.Model, state: dict, ckpt_dir: str | Path) -> None:
+    """Load weights, optimizer variables and dropout RNG state saved after epoch `state['epoch']`."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(Path(ckpt_dir) / state["weights"])
+    for variable, value in zip(_seed_states(model), state["seed_states"]):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+def clear(ckpt_dir: str | Path) -> None:
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the state after each completed epoch: weights file first, then state.json names it."""
+
+    def __init__(self, ckpt_dir: str | Path, fingerprint: str, history: list[dict], early, run_id: str):
+        super().__init__()
+        self.dir, self.fingerprint, self.history = Path(ckpt_dir), fingerprint, list(history)
+        self.early, self.run_id = early, run_id
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
+        weights = f"epoch-{epoch + 1:04d}.weights.h5"
+        atomic_write(self.dir / weights, lambda tmp: self.model.save_weights(tmp))
+        early_state, best_weights = self.early.get_state()
+        if best_weights is not None:
+            atomic_write(self.dir / f"best-{weights}.npz", lambda tmp: np.savez(tmp, *best_weights))
+        write_json(self.dir / STATE, {
+            "fingerprint": self.fingerprint,
+            "epoch": epoch + 1,
+            "weights": weights,
+            "best_weights": f"best-{weights}.npz" if best_weights is not None else None,
+            "seed_states": [np.asarray(v).tolist() for v in _seed_states(self.model)],
+            "early_stopping": early_state,
+            "history": self.history,
+            "mlflow_run_id": self.run_id,
+        })
+        for old in self.dir.glob("*epoch-*"):  # only the files state.json names stay
+            if old.name not in (weights, f"best-{weights}.npz"):
+                old.unlink(missing_ok=True)
+
+
+def load_best_weights(state: dict, ckpt_dir: str | Path) -> list | None:
+    """Keras EarlyStopping's best weights saved with the state (monitor=val_loss), if any."""
+    if not state.get("best_weights"):
+        return None
+    with np.load(Path(ckpt_dir) / state["best_weights"]) as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]

@@ -1,0 +1,92 @@
+"""`imgclf rerun RUN_ID`: retrain a logged run from its own params and check the weights match, bit for bit."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from imgclf.config import parse_yaml, validate
+from imgclf.data import PREPARED_DIR, load_prepared
+from imgclf.io import ImgclfError
+
+# Tags whose difference explains a DIFF: see tracking.environment_tags.
+ENV_TAGS = ("python_version", "tensorflow_version", "keras_version", "numpy_version", "platform", "device",
+            "cpu_count", "tf_intra_op_threads", "tf_inter_op_threads")
+
+
+def fetch_run(client, run_id: str):
+    """The MLflow run and the params.yaml it logged; a bad id is a one-line error."""
+    import mlflow
+
+    from imgclf.tracking import TrackingError
+
+    try:
+        run = client.get_run(run_id)
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/params.yaml")
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; check the id in `mlflow ui`") from None
+    for tag in ("weights_sha256", "data_digest"):
+        if tag not in run.data.tags:
+            raise TrackingError(f"MLflow run {run_id} has no {tag} tag: it did not finish training; pick another run")
+    return run, validate(parse_yaml(text), f"params.yaml of run {run_id}")
+
+
+def check_same_data(run, prepared_dir: str | Path) -> None:
+    """Refuse unless the prepared data is byte-for-byte what the run trained on."""
+    _, manifest = load_prepared(prepared_dir)
+    expected = run.data.tags["data_digest"]
+    if manifest["digest"] != expected:
+        raise ImgclfError(
+            f"{prepared_dir} (sha256 {manifest['digest'][:12]}) is not the data run {run.info.run_id} trained on "
+            f"(sha256 {expected[:12]}); prepare that run's data first (its params.yaml is in its artifacts)"
+        )
+
+
+def loss_history(client, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+
+
+def first_difference(old: dict[int, float], new: dict[int, float]) -> int | None:
+    """The first epoch whose loss differs (or exists in only one run), else None."""
+    for epoch in sorted(set(old) | set(new)):
+        if old.get(epoch) != new.get(epoch):
+            return epoch
+    return None
+
+
+def compare(client, original, new_run_id: str) -> tuple[bool, list[str]]:
+    """MATCH when weight hashes are equal; the lines explaining a DIFF otherwise."""
+    new = client.get_run(new_run_id)
+    old_hash, new_hash = original.data.tags["weights_sha256"], new.data.tags["weights_sha256"]
+    if old_hash == new_hash:
+        return True, [f"MATCH: weights sha256 {new_hash} (run {new_run_id})"]
+    lines = [f"DIFF: weights sha256 {new_hash} (run {new_run_id}) != {old_hash} (run {original.info.run_id})"]
+    epoch = first_difference(loss_history(client, original.info.run_id), loss_history(client, new_run_id))
+    lines.append(f"  first epoch whose loss differs: {epoch}" if epoch else "  per-epoch losses are identical")
+    for tag in ENV_TAGS:
+        before, now = original.data.tags.get(tag), new.data.tags.get(tag)
+        if before != now:
+            lines.append(f"  environment differs: {tag}: {before} -> {now}")
+    if len(lines) == 2:
+        lines.append("  environment facts are the same")
+    return False, lines
+
+
+def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR) -> int:
+    """Retrain RUN_ID's params on the same data as a new run tagged rerun_of; 0 on MATCH, 1 on DIFF."""
+    from mlflow.tracking import MlflowClient
+
+    from imgclf.tracking import configure
+    from imgclf.train import train
+
+    configure()
+    client = MlflowClient()
+    original, params = fetch_run(client, run_id)
+    check_same_data(original, prepared_dir)
+    with tempfile.TemporaryDirectory(prefix="imgclf-rerun-") as tmp:
+        summary = train(params, prepared_dir, Path(tmp) / "model.keras", Path(tmp), Path(tmp) / "checkpoint",
+                        tags={"rerun_of": run_id})
+    match, lines = compare(client, original, summary["mlflow_run_id"])
+    client.set_tag(summary["mlflow_run_id"], "reproduced", str(match).lower())
+    print("\n".join(lines))
+    return 0 if match else 1

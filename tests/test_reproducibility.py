@@ -1,0 +1,92 @@
+"""Pinned seeds: separate processes give bit-identical weights; kill -9 + resume too; `imgclf rerun` proves it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, pipeline_env, run, set_args
+
+pytestmark = pytest.mark.e2e
+
+SETTINGS = TINY | {"train.training_epochs": "20"}
+
+
+def train(repo, **overrides) -> dict:
+    """One `imgclf train` process; returns its train.json and history rows."""
+    run(["imgclf", *set_args(SETTINGS | overrides), "train"], repo)
+    summary = json.loads((repo / "reports/train.json").read_text())
+    summary["history"] = list(csv.DictReader((repo / "reports/history.csv").open()))
+    return summary
+
+
+def loss_only(history: list[dict]) -> list[tuple]:
+    return [(row["epoch"], row["loss"], row["loss_sum"], row["dev_loss"]) for row in history]
+
+
+def test_same_seed_same_weights_resume_after_kill_and_rerun(repo_copy):
+    run(["imgclf", *set_args(SETTINGS), "prepare"], repo_copy)
+    first, second = train(repo_copy), train(repo_copy)
+    assert first["weights_sha256"] == second["weights_sha256"]
+    assert loss_only(first["history"]) == loss_only(second["history"])
+    assert first["mlflow_run_id"] != second["mlflow_run_id"]
+    other_seed = train(repo_copy, seed="52")
+    assert other_seed["weights_sha256"] != first["weights_sha256"]
+
+    # kill -9 once the first epoch is checkpointed, then restart: same weights, one continuous MLflow run.
+    state = repo_copy / "models/checkpoint/state.json"
+    cmd = ["imgclf", *set_args(SETTINGS), "train"]
+    proc = subprocess.Popen(cmd, cwd=repo_copy, env=pipeline_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert 1 <= killed_at < 20
+    resumed = run(cmd, repo_copy)
+    assert f"Resuming after epoch {killed_at}" in resumed.stdout
+    after = json.loads((repo_copy / "reports/train.json").read_text())
+    assert after["weights_sha256"] == first["weights_sha256"]
+    assert not (repo_copy / "models/checkpoint").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    client = MlflowClient()
+    steps = sorted(m.step for m in client.get_metric_history(after["mlflow_run_id"], "loss"))
+    assert steps == list(range(1, 21))
+    assert client.get_run(after["mlflow_run_id"]).info.status == "FINISHED"
+
+    # imgclf rerun: MATCH, exit 0, a new run tagged rerun_of / reproduced.
+    proc = run(["imgclf", "rerun", first["mlflow_run_id"]], repo_copy)
+    assert f"MATCH: weights sha256 {first['weights_sha256']}" in proc.stdout
+    new_id = re.search(r"\(run (\w+)\)", proc.stdout).group(1)
+    tags = client.get_run(new_id).data.tags
+    assert tags["rerun_of"] == first["mlflow_run_id"] and tags["reproduced"] == "true"
+
+    # A logged hash that no longer matches: DIFF, exit 1, and the explanation lines.
+    client.set_tag(second["mlflow_run_id"], "weights_sha256", "0" * 64)
+    proc = run(["imgclf", "rerun", second["mlflow_run_id"]], repo_copy, check=False)
+    assert proc.returncode == 1 and "DIFF: weights sha256" in proc.stdout
+    assert "per-epoch losses are identical" in proc.stdout
+    new_id = re.search(r"DIFF: weights sha256 \w+ \(run (\w+)\)", proc.stdout).group(1)
+    assert client.get_run(new_id).data.tags["reproduced"] == "false"
+
+    # Different prepared data: refused before any training.
+    run(["imgclf", *set_args(SETTINGS | {"seed": "7"}), "prepare"], repo_copy)
+    proc = run(["imgclf", "rerun", first["mlflow_run_id"]], repo_copy, check=False)
+    assert proc.returncode == 2 and "is not the data run" in proc.stderr and "Epoch" not in proc.stdout
+
+
+def test_rerun_of_an_unknown_run_is_one_clear_line(repo_copy):
+    proc = run(["imgclf", "rerun", "0123456789abcdef0123456789abcdef"], repo_copy, check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("imgclf rerun: error: MLflow run 0123456789abcdef0123456789abcdef")
