@@ -114,6 +114,7 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["tracking"]["experiment"] = f"crafted-{uuid.uuid4().hex[:8]}"
+    params["tracking"]["register_model"] = f"{params['tracking']['experiment']}-model"
     tracker = tracking.Tracker.connect(params["tracking"])
     manifest = {"digest": "d" * 64, "dataset": "digits", "source": {"path": None}}
     early = EarlyStopLogger("loss", patience=2)
@@ -133,6 +134,8 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
     assert [(m.step, m.value) for m in stop_points] == [(8, 1.0)]
     waits = MlflowClient(mlflow_server).get_metric_history(r.info.run_id, "early_stopping_wait")
     assert [m.value for m in sorted(waits, key=lambda m: m.step)] == [0, 0, 1, 2, 0, 1, 2, 3]
+    (version,) = MlflowClient(mlflow_server).search_model_versions(f"name='{params['tracking']['register_model']}'")
+    assert version.run_id == r.info.run_id
 
 
 def wait_for_metric(client: MlflowClient, experiment: str, key: str, timeout: float = 120.0):
