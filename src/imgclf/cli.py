@@ -8,7 +8,7 @@ import signal
 import sys
 
 # TensorFlow's C++ start-up chatter hides our own messages; users can still set it lower.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class Terminated(KeyboardInterrupt):

@@ -75,6 +75,15 @@ def progress_verbosity() -> int:
     return 2 if os.environ.get("CI") or not sys.stdout.isatty() else 1
 
 
+def inference_copy(model):
+    """The trained net without optimizer state (a third of the size): all evaluate, predict and MLflow need."""
+    import keras
+
+    copy = keras.Model.from_config(model.get_config())  # clone_model would copy the compile state too
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def weights_sha256(model) -> str:
     """sha256 over every weight array in order: equal hashes mean bit-identical models."""
     digest = _io.BytesIO()
@@ -180,7 +189,8 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
             run.log_missing_epochs(resume["history"])
         history, early = fit(model, splits, params, run, resume, ckpt_dir, fingerprint)
         # 5. Save everything atomically: a killed process never leaves a half-written output.
-        atomic_write(model_path, lambda tmp: model.save(tmp))
+        trained = inference_copy(model)
+        atomic_write(model_path, lambda tmp: trained.save(tmp))
         write_history(history, reports_dir)
         summary = {
             **early,
@@ -192,7 +202,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
             "data_digest": manifest["digest"],
             "mlflow_run_id": run.run_id,
         }
-        run.log_training_end(summary, model, reports_dir)
+        run.log_training_end(summary, trained, reports_dir)
     write_json(reports_dir / "train.json", summary)
     checkpoint.clear(ckpt_dir)
     return summary
