@@ -54,6 +54,19 @@ def test_loss_is_cross_entropy_plus_strength_times_tf_l2_loss():
     assert keras_loss == pytest.approx(ce + l2, rel=1e-5)
 
 
+def test_per_block_kernels_pools_and_conv_dropout():
+    params = tiny_cfg(kernel_size=[5, 16], pool_size=[3, 2], conv_dropout=True)
+    params["model"]["conv_blocks"] = [[4], [], [8]]
+    params["model"]["kernel_size"], params["model"]["pool_size"] = [5, 1, 3], [3, 2, 2]
+    model = build_model(params["model"], params["train"], 10)
+    assert model.get_layer("block1_conv1").kernel.shape == (5, 5, 3, 4)
+    assert model.get_layer("block1_pool").pool_size == (3, 3) and model.get_layer("block1_pool").strides == (2, 2)
+    assert model.get_layer("block3_conv1").kernel.shape == (3, 3, 4, 8)  # the empty block 2 is a pool only
+    assert model.get_layer("flatten").output.shape[-1] == 4 * 4 * 8  # 32 -> 16 -> 8 -> 4
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Dropout)] == [
+        "block1_dropout", "block2_dropout", "block3_dropout", "fc1_dropout"]
+
+
 def test_dropout_only_after_fc_and_off_at_inference():
     params = tiny_cfg()
     model = build_model(params["model"], params["train"], 10)

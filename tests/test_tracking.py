@@ -123,7 +123,8 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
                            callbacks=[Crafted(), early, handle.epoch_callback()])
         history = [{"epoch": i + 1, **{k: v[i] for k, v in result.history.items()}} for i in range(8)]
         train.write_history(history, tmp_path)
-        summary = {**early.summary(), "epochs_run": 8, "weights_sha256": train.weights_sha256(model)}
+        summary = {**early.summary(), "epochs_run": 8, "weights_sha256": train.weights_sha256(model),
+                   "train_seconds": 1.0}
         handle.log_training_end(summary, model, tmp_path)
 
     (r,) = finished_runs(mlflow_server, params["tracking"]["experiment"])

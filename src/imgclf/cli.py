@@ -23,7 +23,7 @@ def _params(args) -> dict:
     """The whole params file, overrides applied, validated before any stage does work."""
     from imgclf.config import load_params
 
-    return load_params(args.params, args.overrides)
+    return load_params(args.params, args.overrides + args.sub_overrides)
 
 
 def cmd_validate(args) -> None:
@@ -61,26 +61,49 @@ def cmd_rerun(args) -> int:
     return rerun.main(args.run_id)
 
 
+def cmd_experiments(args) -> int:
+    from imgclf import experiments
+
+    return experiments.main(_params(args), args.variants, args.seeds, args.overrides + args.sub_overrides,
+                            args.jobs, args.table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands named after the DVC stages they implement."""
     parser = argparse.ArgumentParser(prog="imgclf", description="Reproducible CIFAR-style image classification.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params value for this command only, e.g. -S train.learning_rate=0.0005")
+    # -S is also accepted after the subcommand (`imgclf experiments -S ...`); a separate dest
+    # because argparse lets a subparser's default overwrite the main parser's value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-S", "--set", dest="sub_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params value for this command only")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("validate", help="check params.yaml and exit").set_defaults(func=cmd_validate)
-    sub.add_parser("prepare", help="data -> data/prepared/ arrays + manifest.json").set_defaults(func=cmd_prepare)
-    sub.add_parser("train", help="train the report's CNN -> models/model.keras").set_defaults(func=cmd_train)
-    sub.add_parser("evaluate", help="F1 and friends -> reports/metrics.json").set_defaults(func=cmd_evaluate)
-    predict = sub.add_parser("predict", help="print class and probability per image")
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, parents=[common])
+        command.set_defaults(func=func)
+        return command
+
+    add("validate", cmd_validate, "check params.yaml and exit")
+    add("prepare", cmd_prepare, "data -> data/prepared/ arrays + manifest.json")
+    add("train", cmd_train, "train the report's CNN -> models/model.keras")
+    add("evaluate", cmd_evaluate, "F1 and friends -> reports/metrics.json")
+    predict = add("predict", cmd_predict, "print class and probability per image")
     predict.add_argument("images", nargs="+", help="image files (any size; converted to 32x32 RGB)")
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--run", help="MLflow run id whose logged model to use")
     source.add_argument("--model", help="a saved .keras model (default: models/model.keras)")
-    predict.set_defaults(func=cmd_predict)
-    rerun = sub.add_parser("rerun", help="retrain an MLflow run from its params; MATCH (exit 0) or DIFF (exit 1)")
+    rerun = add("rerun", cmd_rerun, "retrain an MLflow run from its params; MATCH (exit 0) or DIFF (exit 1)")
     rerun.add_argument("run_id", help="the MLflow run to reproduce (same prepared data required)")
-    rerun.set_defaults(func=cmd_rerun)
+    exps = add("experiments", cmd_experiments, "the report's variants x seeds via DVC's queue, and a table")
+    exps.add_argument("--variants", nargs="+", default=[], metavar="V",
+                      help="presets to run (default: all): report_final no_256 no_512 single_fc shallow "
+                           "shallow_dropout")
+    exps.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: params.yaml's seed)")
+    exps.add_argument("--jobs", type=int, default=1, help="experiments run at once (default: 1)")
+    exps.add_argument("--table", action="store_true", help="only rebuild the table from MLflow, no training")
     return parser
 
 

@@ -55,7 +55,13 @@ class Key:
 
 
 def _conv_blocks_ok(value: list) -> bool:
-    return bool(value) and all(isinstance(block, list) and block and _dense_ok(block) for block in value)
+    """Blocks of positive filter counts; an empty block keeps only its pool, but some block must conv."""
+    return all(isinstance(b, list) and _dense_ok(b) for b in value) and any(value)
+
+
+def _per_block_ok(value: int | list) -> bool:
+    """One positive size for every block, or a list of one per block (length checked across keys)."""
+    return _dense_ok(value) and bool(value) if isinstance(value, list) else value >= 1
 
 
 def _dense_ok(value: list) -> bool:
@@ -67,6 +73,7 @@ def _is_int(value: Any) -> bool:
 
 
 INT, NUM, STR, LIST, BOOL = (int,), (int, float), (str,), (list,), (bool,)
+INT_OR_LIST = (int, list)
 
 SCHEMA: dict[str, Any] = {
     "seed": Key(INT, lambda v: v >= 0, ">= 0"),
@@ -78,8 +85,10 @@ SCHEMA: dict[str, Any] = {
     },
     "model": {
         "input_scale": Key(NUM, lambda v: math.isfinite(v) and v > 0, "> 0"),
-        "conv_blocks": Key(LIST, _conv_blocks_ok, "a non-empty list of non-empty lists of positive ints"),
-        "kernel_size": Key(INT, lambda v: v >= 1, ">= 1"),
+        "conv_blocks": Key(LIST, _conv_blocks_ok, "a list of lists of positive ints, at least one non-empty"),
+        "kernel_size": Key(INT_OR_LIST, _per_block_ok, ">= 1, or a list of those, one per block"),
+        "pool_size": Key(INT_OR_LIST, _per_block_ok, ">= 1, or a list of those, one per block"),
+        "conv_dropout": Key(BOOL),
         "dense_units": Key(LIST, _dense_ok, "a list of positive ints (may be empty)"),
     },
     "train": {
@@ -96,12 +105,15 @@ SCHEMA: dict[str, Any] = {
     "tracking": {
         "experiment": Key(STR, lambda v: bool(v.strip()), "a non-empty name"),
         "register_model": Key(STR, lambda v: bool(v.strip()), "a model name, or null to skip", nullable=True),
+        "variant": Key(STR, lambda v: bool(v.strip()), "a label, or null", nullable=True),
     },
 }
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    return {INT: "an integer", NUM: "a number", STR: "a string", LIST: "a list", BOOL: "true/false"}.get(
+    names = {INT: "an integer", NUM: "a number", STR: "a string", LIST: "a list", BOOL: "true/false",
+             INT_OR_LIST: "an integer or a list"}
+    return names.get(
         types, "/".join(t.__name__ for t in types)
     )
 
@@ -139,12 +151,24 @@ def _validate(node: dict, schema: dict, prefix: str, problems: list[str]) -> Non
             problems.append(f"{name}={value!r}: must be {spec.expect}")
 
 
+def _cross_check(params: dict, problems: list[str]) -> None:
+    """Rules spanning keys: per-block lists must have one entry per conv block."""
+    model = params["model"]
+    for key in ("kernel_size", "pool_size"):
+        value = model[key]
+        if isinstance(value, list) and len(value) != len(model["conv_blocks"]):
+            problems.append(f"model.{key}={value}: needs one entry per block of model.conv_blocks "
+                            f"({len(model['conv_blocks'])}), or a single integer")
+
+
 def validate(params: Any, source: str = PARAMS_FILE) -> dict:
     """Return `params` if it matches SCHEMA, else raise one ConfigError listing every problem."""
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: must be a YAML mapping of sections, got {type(params).__name__}")
     problems: list[str] = []
     _validate(params, SCHEMA, "", problems)
+    if not problems:
+        _cross_check(params, problems)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems) + f" -- fix {source} and rerun")
     return params

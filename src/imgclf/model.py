@@ -13,7 +13,7 @@ def l2_regularizer(strength: float) -> keras.regularizers.L2 | None:
 
 
 def _conv(filters: int, kernel_size: int, reg, name: str) -> keras.layers.Conv2D:
-    """3x3/stride-1/SAME conv + bias + ReLU, Xavier init for kernel and bias as in the report."""
+    """Stride-1/SAME conv + bias + ReLU, Xavier init for kernel and bias as in the report."""
     return keras.layers.Conv2D(
         filters,
         kernel_size,
@@ -37,20 +37,30 @@ def _dense(units: int, reg, name: str) -> keras.layers.Dense:
     )
 
 
+def per_block(value: int | list[int], blocks: int) -> list[int]:
+    """A size given once for every block, or already one per block."""
+    return list(value) if isinstance(value, list) else [value] * blocks
+
+
 def build_model(model_cfg: dict, train_cfg: dict, num_classes: int) -> keras.Model:
-    """Conv blocks (each ending in a 2x2/stride-2 SAME max-pool) -> flatten -> FC+dropout -> logits.
+    """Conv blocks (each ending in a stride-2 SAME max-pool) -> flatten -> FC+dropout -> logits.
 
     The model takes raw pixels: a Rescaling layer by `input_scale` comes first, so every caller
     (evaluate, predict, MLflow pyfunc) feeds the same 0-255 values the report fed.
     """
     reg = l2_regularizer(train_cfg["regularization_strength"])
     dropout_rate = 1.0 - train_cfg["keep_prob"]
+    blocks = model_cfg["conv_blocks"]
+    kernels = per_block(model_cfg["kernel_size"], len(blocks))
+    pools = per_block(model_cfg["pool_size"], len(blocks))
     inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
     x = keras.layers.Rescaling(model_cfg["input_scale"], name="input_scale")(inputs)
-    for b, block in enumerate(model_cfg["conv_blocks"], start=1):
+    for b, (block, kernel, pool) in enumerate(zip(blocks, kernels, pools), start=1):
         for c, filters in enumerate(block, start=1):
-            x = _conv(filters, model_cfg["kernel_size"], reg, f"block{b}_conv{c}")(x)
-        x = keras.layers.MaxPooling2D(pool_size=2, strides=2, padding="same", name=f"block{b}_pool")(x)
+            x = _conv(filters, kernel, reg, f"block{b}_conv{c}")(x)
+        x = keras.layers.MaxPooling2D(pool_size=pool, strides=2, padding="same", name=f"block{b}_pool")(x)
+        if model_cfg["conv_dropout"]:
+            x = keras.layers.Dropout(dropout_rate, name=f"block{b}_dropout")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate(model_cfg["dense_units"], start=1):
         x = _dense(units, reg, f"fc{i}")(x)

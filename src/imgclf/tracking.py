@@ -173,6 +173,7 @@ class TrainingRun:
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "data_digest": manifest["digest"],
             "dataset": manifest["dataset"],
+            **({"variant": params["tracking"]["variant"]} if params["tracking"]["variant"] else {}),
             **tags,
         })
         mlflow.log_text(yaml.safe_dump(params, sort_keys=False), "params.yaml")
@@ -199,7 +200,7 @@ class TrainingRun:
                          "early_stopping_patience": str(summary["patience"])})
         if summary["early_stopped"]:
             mlflow.log_metric("early_stopped", 1.0, step=summary["stopped_epoch"])
-        mlflow.log_metric("epochs_run", summary["epochs_run"])
+        mlflow.log_metrics({"epochs_run": summary["epochs_run"], "train_seconds": summary["train_seconds"]})
         for name in ("history.csv", "loss.png"):
             mlflow.log_artifact(str(reports_dir / name))
         log_keras_model(model, self.register_as)

@@ -1,0 +1,180 @@
+"""`imgclf experiments`: the report's variants x seeds through DVC's experiment queue, then a table
+of dev macro-F1 beside the report's own numbers (reports/experiments.md and .png).
+
+Each variant is a params override of the same model family, never new code. Where the report is
+ambiguous, the choice is written next to the preset.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgclf.io import ImgclfError, atomic_write
+
+REPORTS_DIR = Path("reports")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A report variant: params overrides (DVC `-S` syntax) and the dev macro-F1 the report got."""
+
+    report_f1: tuple[float, ...]
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # The final net of the report, i.e. params.yaml as it is.
+    "report_final": Preset((0.760,)),
+    # Without the two 256-filter convs. The block's max-pool stays: the report's code reshapes to a
+    # hard-coded 2*2*512, which only fits if the net still pools four times.
+    "no_256": Preset((0.715, 0.738), {"model.conv_blocks": "[[64, 64], [128, 128], [], [512, 512, 512]]"}),
+    # Without the last 512-filter conv: the report's wording reads as the third 512 layer only.
+    "no_512": Preset((0.748,), {"model.conv_blocks": "[[64, 64], [128, 128], [256, 256], [512, 512]]"}),
+    # No hidden FC layers: flatten -> softmax layer.
+    "single_fc": Preset((0.754,), {"model.dense_units": "[]"}),
+    # 5x5 conv 64 -> 3x3 max-pool stride 2 -> 16x16 conv 128 -> 2x2 max-pool -> flatten (8*8*128) -> softmax,
+    # 15 epochs. SAME padding everywhere, as the 8*8*128 flatten requires.
+    "shallow": Preset((0.506,), {
+        "model.conv_blocks": "[[64], [128]]", "model.kernel_size": "[5, 16]", "model.pool_size": "[3, 2]",
+        "model.dense_units": "[]", "train.training_epochs": "15",
+    }),
+    # The same with dropout (rate 1 - keep_prob) after each pool. The report got 0.574 after 15 epochs and
+    # 0.617 with a longer run that early-stopped at epoch 22; the preset is the 15-epoch one.
+    "shallow_dropout": Preset((0.574, 0.617), {
+        "model.conv_blocks": "[[64], [128]]", "model.kernel_size": "[5, 16]", "model.pool_size": "[3, 2]",
+        "model.dense_units": "[]", "train.training_epochs": "15", "model.conv_dropout": "true",
+    }),
+}
+
+
+def dvc_command() -> str:
+    """The dvc next to this Python (the project's .venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
+
+
+def queue_args(variant: str, seed: int, user_overrides: list[str]) -> list[str]:
+    """`dvc exp run --queue` arguments for one (variant, seed); the user's -S come last and win."""
+    sets = {"seed": str(seed), "tracking.variant": variant, **PRESETS[variant].overrides}
+    args = [dvc_command(), "exp", "run", "--queue"]
+    for item in [f"{k}={v}" for k, v in sets.items()] + list(user_overrides):
+        args += ["-S", item]
+    return args
+
+
+def run_queue(variants: list[str], seeds: list[int], user_overrides: list[str], jobs: int) -> int:
+    """Queue one DVC experiment per (variant, seed) and run the queue; returns dvc's exit code."""
+    for variant in variants:
+        for seed in seeds:
+            subprocess.run(queue_args(variant, seed, user_overrides), check=True, stdout=subprocess.DEVNULL)
+    print(f"Queued {len(variants) * len(seeds)} experiments; running them with {jobs} worker(s)", flush=True)
+    return subprocess.run([dvc_command(), "exp", "run", "--run-all", "--jobs", str(jobs)]).returncode
+
+
+def latest_runs(experiment: str, variants: list[str] | None, seeds: list[int] | None) -> dict[str, list]:
+    """{variant: [latest finished MLflow run per seed]}, from the tracking store."""
+    import mlflow
+
+    from imgclf.tracking import configure
+
+    configure()
+    exp = mlflow.get_experiment_by_name(experiment)
+    runs = [] if exp is None else mlflow.search_runs(
+        [exp.experiment_id], filter_string="attributes.status = 'FINISHED'", output_format="list",
+        order_by=["attributes.start_time DESC"])
+    chosen: dict[str, dict[int, object]] = {}
+    for run in runs:
+        variant, seed = run.data.tags.get("variant"), int(run.data.params.get("seed", -1))
+        if variant in PRESETS and (not variants or variant in variants) and (not seeds or seed in seeds) \
+                and "dev_f1_macro" in run.data.metrics:
+            chosen.setdefault(variant, {}).setdefault(seed, run)  # newest first: keep the first seen
+    return {v: [chosen[v][s] for s in sorted(chosen[v])] for v in PRESETS if v in chosen}
+
+
+def summarize(variant: str, runs: list) -> dict:
+    """One table row: seeds, F1 mean and std, epochs, early stops, run ids, the report's number."""
+    f1 = [r.data.metrics["dev_f1_macro"] for r in runs]
+    return {
+        "variant": variant,
+        "seeds": [int(r.data.params["seed"]) for r in runs],
+        "f1_mean": statistics.fmean(f1),
+        "f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+        "epochs": [int(r.data.metrics.get("epochs_run", 0)) for r in runs],
+        "early_stopped": sum(r.data.tags.get("early_stopped") == "True" for r in runs),
+        "train_seconds": statistics.fmean(r.data.metrics.get("train_seconds", 0.0) for r in runs),
+        "run_ids": [r.info.run_id for r in runs],
+        "report": PRESETS[variant].report_f1,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table as Markdown (also printed)."""
+    lines = ["| variant | seeds | dev macro-F1 (mean ± std) | epochs run | early-stopped | train s (mean) "
+             "| MLflow runs | report |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {', '.join(map(str, r['seeds']))} | {r['f1_mean']:.3f} ± {r['f1_std']:.3f} "
+            f"| {', '.join(map(str, r['epochs']))} | {r['early_stopped']}/{len(r['seeds'])} "
+            f"| {r['train_seconds']:.0f} | {', '.join(i[:8] for i in r['run_ids'])} "
+            f"| {' / '.join(f'{f:.3f}' for f in r['report'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Bars of mean dev macro-F1 (± std over seeds) with the report's numbers as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
+    xs = range(len(rows))
+    ax.bar(xs, [r["f1_mean"] for r in rows], yerr=[r["f1_std"] for r in rows], capsize=4, label="this pipeline")
+    for x, r in zip(xs, rows):
+        ax.scatter([x] * len(r["report"]), r["report"], color="crimson", marker="D", zorder=3,
+                   label="report" if x == 0 else None)
+    ax.set_xticks(list(xs), [r["variant"] for r in rows], rotation=20)
+    ax.set(ylabel="dev macro-F1", ylim=(0, 1), title="Report variants: dev macro-F1")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+
+
+def write_table(experiment: str, variants: list[str] | None, seeds: list[int] | None) -> list[dict]:
+    """Build the table from MLflow, print it, write reports/experiments.md and reports/experiments.png."""
+    rows = [summarize(v, runs) for v, runs in latest_runs(experiment, variants, seeds).items()]
+    if not rows:
+        raise ImgclfError(f"no finished variant runs in MLflow experiment {experiment!r}; run `imgclf experiments`")
+    text = markdown(rows)
+    atomic_write(REPORTS_DIR / "experiments.md", lambda tmp: tmp.write_text(text))
+    plot(rows, REPORTS_DIR / "experiments.png")
+    print(text + f"\nwritten to {REPORTS_DIR}/experiments.md and {REPORTS_DIR}/experiments.png")
+    return rows
+
+
+def main(params: dict, variants: list[str], seeds: list[int] | None, user_overrides: list[str], jobs: int,
+         table_only: bool) -> int:
+    """Run the grid (unless table_only) and write the table; exit 1 if some experiment failed."""
+    unknown = sorted(set(variants) - set(PRESETS))
+    if unknown:
+        raise ImgclfError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    chosen = variants or list(PRESETS)
+    experiment = params["tracking"]["experiment"]
+    if table_only:
+        write_table(experiment, variants or None, seeds)
+        return 0
+    seeds = seeds or [params["seed"]]
+    code = run_queue(chosen, seeds, user_overrides, jobs)
+    rows = write_table(experiment, chosen, seeds)
+    missing = [v for v in chosen if v not in {r["variant"] for r in rows}]
+    if code or missing:
+        print(f"imgclf experiments: some experiments failed (dvc exit {code}); no runs for: "
+              f"{', '.join(missing) or 'none'}; see `dvc queue status` / `dvc queue logs`", file=sys.stderr)
+        return 1
+    return 0
