@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgclf.io import ImgclfError, atomic_write
+from imgclf.tracking import Tracker
 
 REPORTS_DIR = Path("reports")
 
@@ -170,6 +171,9 @@ def main(params: dict, variants: list[str], seeds: list[int] | None, user_overri
         write_table(experiment, variants or None, seeds)
         return 0
     seeds = seeds or [params["seed"]]
+    # Create the store and the experiment once, here: parallel workers racing to create a fresh
+    # sqlite store (its schema migrations) or the same experiment fail.
+    Tracker.connect(params["tracking"])
     code = run_queue(chosen, seeds, user_overrides, jobs)
     rows = write_table(experiment, chosen, seeds)
     missing = [v for v in chosen if v not in {r["variant"] for r in rows}]

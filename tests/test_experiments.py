@@ -1,0 +1,76 @@
+"""The report's variants: each preset is a params override with a hand-checked size, run via DVC's queue."""
+
+from __future__ import annotations
+
+import copy
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, run, set_args
+from imgclf.config import apply_overrides, validate
+from imgclf.experiments import PRESETS
+from imgclf.model import build_model
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def conv(k, cin, cout):
+    return k * k * cin * cout + cout
+
+
+def dense(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+FC = dense(2048, 2048) + dense(2048, 2048) + dense(2048, 10)
+VGG = conv(3, 3, 64) + conv(3, 64, 64) + conv(3, 64, 128) + conv(3, 128, 128)
+EXPECTED = {
+    "report_final": VGG + conv(3, 128, 256) + conv(3, 256, 256) + conv(3, 256, 512) + 2 * conv(3, 512, 512) + FC,
+    # the 256 block is gone but its pool stays: 32 -> 16 -> 8 -> 4 -> 2, flatten 2*2*512
+    "no_256": VGG + conv(3, 128, 512) + 2 * conv(3, 512, 512) + FC,
+    "no_512": VGG + conv(3, 128, 256) + conv(3, 256, 256) + conv(3, 256, 512) + conv(3, 512, 512) + FC,
+    "single_fc": VGG + conv(3, 128, 256) + conv(3, 256, 256) + conv(3, 256, 512) + 2 * conv(3, 512, 512)
+    + dense(2048, 10),
+    "shallow": conv(5, 3, 64) + conv(16, 64, 128) + dense(8 * 8 * 128, 10),
+    "shallow_dropout": conv(5, 3, 64) + conv(16, 64, 128) + dense(8 * 8 * 128, 10),
+}
+
+
+@pytest.mark.parametrize("variant", list(PRESETS))
+def test_each_preset_builds_the_hand_computed_net(variant):
+    params = validate(apply_overrides(copy.deepcopy(PARAMS), [f"{k}={v}" for k, v in PRESETS[variant].overrides.items()]))
+    assert build_model(params["model"], params["train"], 10).count_params() == EXPECTED[variant]
+    assert EXPECTED["report_final"] == 15_458_378
+
+
+@pytest.mark.e2e
+def test_every_variant_runs_through_the_dvc_queue_into_the_repo_store(repo_copy):
+    smoke = {"train.training_epochs": "1", "data.max_train_samples": "100"}
+    proc = run(["imgclf", "experiments", "--jobs", "2", *set_args(smoke)], repo_copy, timeout=900)
+    table = (repo_copy / "reports/experiments.md").read_text()
+    assert table in proc.stdout
+    for variant, preset in PRESETS.items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {variant} |"))
+        assert " | 51 | " in row and row.endswith(f"| {' / '.join(f'{f:.3f}' for f in preset.report_f1)} |")
+    assert (repo_copy / "reports/experiments.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Queued runs happen in .dvc/tmp/exps copies, yet land in the repo's own default store.
+    assert not list((repo_copy / ".dvc").rglob("mlflow.db"))
+    mlflow.set_tracking_uri(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    exp = MlflowClient().get_experiment_by_name("imgclf")
+    runs = MlflowClient().search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["variant"] for r in runs) == sorted(PRESETS)
+    shallow = next(r for r in runs if r.data.tags["variant"] == "shallow")
+    assert shallow.data.params["model.kernel_size"] == "[5, 16]" and shallow.data.params["train.training_epochs"] == "1"
+
+    again = run(["imgclf", "experiments", "--table"], repo_copy)
+    assert table in again.stdout and "Queued" not in again.stdout
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    proc = run(["imgclf", "--params", str(REPO / "params.yaml"), "experiments", "--variants", "deep"], tmp_path,
+               check=False)
+    assert proc.returncode == 2 and "unknown variant(s) deep; choose from report_final" in proc.stderr
