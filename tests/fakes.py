@@ -62,13 +62,18 @@ def cifar_members(protocol="py2", **overrides):
     return {k: v if isinstance(v, bytes) else dumps(v, protocol) for k, v in members.items() if v is not None}
 
 
-def write_cifar(path: Path, protocol="py2", **overrides) -> Path:
-    """Write a .tar.gz in the official layout and return its path."""
+def write_cifar(path: Path, protocol="py2", extra: dict[str, bytes | Path] | None = None, **overrides) -> Path:
+    """Write a .tar.gz in the official layout and return its path. `extra` adds members by raw name:
+    bytes become files, a Path a symlink to it (after the official members, so it replaces one of the same name)."""
     with tarfile.open(path, "w:gz") as tar:
-        for name, payload in cifar_members(protocol, **overrides).items():
+        for name, payload in {**cifar_members(protocol, **overrides), **(extra or {})}.items():
             info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+            if isinstance(payload, Path):
+                info.type, info.linkname = tarfile.SYMTYPE, str(payload)
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
     return path
 
 

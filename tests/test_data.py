@@ -199,6 +199,22 @@ def test_cifar_malicious_pickle_never_runs(tmp_path, payload):
     assert not marker.exists()
 
 
+def test_cifar_members_are_never_extracted_anywhere(tmp_path, monkeypatch):
+    """`..` and absolute member names write nothing (members are only read); a symlink member is refused."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    escapes = {"../escaped": b"x", f"{tmp_path}/absolute": b"x", "cifar-10-batches-py/../../escaped-too": b"x"}
+    archive = write_cifar(tmp_path / "names.tar.gz", extra=escapes)
+    monkeypatch.setenv(data.CIFAR10_MD5_ENV, md5(archive))  # the env var the CLI reads, instead of expected_md5
+    assert prepare(make_params("cifar10", str(archive)), work / "out")["splits"]["test"]["count"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["names.tar.gz", "work"]
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+    link = write_cifar(tmp_path / "link.tar.gz", extra={"cifar-10-batches-py/data_batch_1": Path("/etc/passwd")})
+    with pytest.raises(DataError, match="data_batch_1 is not a regular file of sane size"):
+        load_fake(link)
+
+
 # --- folder -------------------------------------------------------------------------------------
 
 
