@@ -90,6 +90,7 @@ def test_tracking_server_dying_mid_training_fails_fast_in_one_line(repo_copy, tm
     assert train.returncode == 2 and stderr.strip().endswith(line) and "Traceback" not in stderr
     assert line.startswith(f"imgclf train: error: MLflow tracking server {server.uri} stopped answering (")
     assert "gave up after 3 retries" in line and line.endswith("then rerun: training resumes from its last checkpoint")
+    print(f"train gave up {seconds:.1f} s after the server died")  # shown by `pytest -rP`
     assert seconds < 30, f"took {seconds:.1f} s to give up"  # 4 tries with 0 + 2 + 4 s backoff (+ jitter)
     # Local outputs stay consistent: no model written as if good, a resumable checkpoint of this run.
     assert not (repo_copy / "models/model.keras").exists() and not (repo_copy / "reports/train.json").exists()

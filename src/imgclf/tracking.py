@@ -41,7 +41,7 @@ KILLED_BY = (KeyboardInterrupt, SystemExit)
 STORE_FAILURES = (mlflow.exceptions.MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError)
 # MLflow retries an HTTP request 7 times (backoff factor 2) and waits 120 s per try: a dead server
 # stalls a run for minutes. These defaults give up after ~8 s on a dead server (4 tries, 0 + 2 + 4 s
-# of backoff plus up to 1 s jitter each) and after ~1.5 min on a hung one; the user's settings win.
+# of backoff plus up to 1 s jitter each) and within ~2 min on a hung one; the user's settings win.
 HTTP_DEFAULTS = {
     MLFLOW_HTTP_REQUEST_MAX_RETRIES: "3",
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR: "1",
