@@ -100,7 +100,7 @@ def store_lock(uri: str) -> Iterator[None]:
 
     MLflow creates a fresh sqlite store's tables without any lock, so two queued experiments
     starting together crash with `table ... already exists`; getting-or-creating the experiment
-    races the same way. Other stores need no lock.
+    and the dataset row race the same way. Other stores need no lock.
     """
     if not uri.startswith("sqlite:"):
         yield
@@ -286,7 +286,10 @@ class TrainingRun:
         })
         mlflow.log_text(yaml.safe_dump(params, sort_keys=False), "params.yaml")
         mlflow.log_dict(manifest, "data/manifest.json")
-        mlflow.log_input(_prepared_dataset(manifest), context="training")
+        # MLflow's sqlite store gets-or-creates the dataset row without a lock, so two runs on the same data
+        # starting together can both insert it (`UNIQUE constraint failed: datasets...`).
+        with store_lock(mlflow.get_tracking_uri()):
+            mlflow.log_input(_prepared_dataset(manifest), context="training")
 
     def log_missing_epochs(self, history: list[dict]) -> None:
         """After a resume: log the checkpointed epochs the interrupted process did not get to log."""
