@@ -126,6 +126,7 @@ class MlflowServer:
         wait_until(self._healthy, 90, f"mlflow server on {self.uri}", interval=0.3)
 
     def _healthy(self) -> bool:
+        """Whether /health answers; fails the test at once if the server process died."""
         if self.proc.poll() is not None:
             pytest.fail(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
         try:

@@ -184,15 +184,18 @@ def folder_row(culprit: str, fix: str, damage: Callable[[Path], object]):
 
 
 def truncate(path: Path) -> None:
+    """Cut a file to its first half."""
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def npz_missing(tmp: Path) -> BadData:
+    """data.path names a .npz that does not exist."""
     path = tmp / "missing.npz"
     return BadData("npz", path, f"{path}: not found", "set data.path to a .npz file (dataset: npz)")
 
 
 def cifar_md5_mismatch(tmp: Path) -> BadData:
+    """A well-formed archive that is not the official one: the md5 check (not overridden here) refuses it."""
     archive = write_cifar(tmp / "cifar-10-python.tar.gz")
     return BadData("cifar10", archive, f"{archive}: md5 {md5(archive)} != expected {CIFAR10_MD5}",
                    "re-download cifar-10-python.tar.gz or point data.path at a good copy")

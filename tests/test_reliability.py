@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 
 def dvc_status(repo) -> dict:
+    """`dvc status` as a dict: stage -> what changed ({} when everything is up to date)."""
     return json.loads(run(["dvc", "status", "--json"], repo).stdout)
 
 
