@@ -1,9 +1,11 @@
-"""Shared fixtures: a temporary git+DVC copy of the repo, a real MLflow server, tiny settings."""
+"""Shared fixtures and helpers: a temporary git+DVC copy of the repo, real MLflow servers, tiny settings, polling."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -22,6 +25,8 @@ TINY = {
     "model.conv_blocks": "[[8], [16]]",
     "model.dense_units": "[32]",
 }
+# Tiny training that runs until it is interrupted (~100 s): without the patience, TINY early-stops after ~5 s.
+UNTIL_INTERRUPTED = TINY | {"train.training_epochs": "500", "train.early_stopping.patience": "500"}
 
 
 def set_args(overrides: dict[str, str], flag: str = "-S") -> list[str]:
@@ -47,6 +52,13 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True,
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                     f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+def error_line(stderr: str, command: str) -> str:
+    """The single `imgclf <command>: error: ...` line in `stderr` (there must be exactly one)."""
+    lines = [line for line in stderr.splitlines() if line.startswith(f"imgclf {command}: error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
 def copy_repo(dest: Path) -> Path:
@@ -78,33 +90,85 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
+    """Poll `condition()` until it returns something truthy (returned); fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def write_params(repo: Path, overrides: dict[str, str], check: bool = True) -> str:
+    """Apply `-S`-style overrides to the repo's params.yaml (validated unless `check` is False); return the text."""
+    from imgclf.config import apply_overrides, parse_yaml, validate
+
+    params = apply_overrides(parse_yaml((repo / "params.yaml").read_text()), [f"{k}={v}" for k, v in overrides.items()])
+    text = yaml.safe_dump(validate(params) if check else params, sort_keys=False)
+    (repo / "params.yaml").write_text(text)
+    return text
+
+
+class MlflowServer:
+    """A real `mlflow server` process on 127.0.0.1 with a sqlite backend under `root`, in its own process group."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.uri = root, f"http://127.0.0.1:{free_port()}"
+        cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+               "--port", self.uri.rsplit(":", 1)[1], "--workers", "1"]
+        self.log = open(root / "server.log", "w")
+        self.proc = subprocess.Popen(cmd, cwd=root, env=pipeline_env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # its workers die with it in kill()
+        wait_until(self._healthy, 90, f"mlflow server on {self.uri}", interval=0.3)
+
+    def _healthy(self) -> bool:
+        """Whether /health answers; fails the test at once if the server process died."""
+        if self.proc.poll() is not None:
+            pytest.fail(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
+        try:
+            return requests.get(f"{self.uri}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the server and all its workers; SIGKILL waits until they are gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        if sig == signal.SIGKILL:
+            self.proc.wait(timeout=30)
+            self.log.close()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend in a temp dir."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, env=pipeline_env(), stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{uri}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}")
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start in 90 s")
-    yield uri
-    proc.terminate()
+    """A real `mlflow server` on 127.0.0.1 shared by the session's tests."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.uri
+    server.kill(signal.SIGTERM)
     try:
-        proc.wait(timeout=15)
+        server.proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        pass
+    server.kill()
+
+
+def finished_runs(uri: str, experiment: str) -> list:
+    """The runs of `experiment` in the store at `uri`, oldest first (any status)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
+
+
+def wait_for_metric(uri: str, experiment: str, key: str, timeout: float = 120.0):
+    """The first run of `experiment` once it has logged `key`, polling the store."""
+    def logged():
+        runs = finished_runs(uri, experiment)
+        return runs[0] if runs and key in runs[0].data.metrics else None
+
+    return wait_until(logged, timeout, f"a run of {experiment} logging {key}", interval=0.5)

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import os
-import pickle
-import struct
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
+from fakes import CIFAR_NAMES, EvalEvil, Evil, cifar_batch, dumps, make_folder, make_npz, md5, save_image, snapshot
+from fakes import write_cifar
 from imgclf import data
 from imgclf.data import DataError, load_prepared, prepare
 
-CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
@@ -35,66 +30,6 @@ def make_params(dataset="digits", path=None, dev_fraction=0.1, max_train_samples
     }
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` -> its bytes."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-# --- fake CIFAR archive ---------------------------------------------------------------------
-
-
-def cifar_batch(n=20, seed=0, labels=None):
-    """A CIFAR-format batch dict: uint8 (n, 3072) rows, all 10 classes."""
-    rng = np.random.default_rng(seed)
-    labels = list(range(10)) * (n // 10) if labels is None else labels
-    return {b"batch_label": b"fake", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": labels}
-
-
-class Py2Pickler(pickle._Pickler):
-    """Pickles bytes as Python 2 `str` opcodes, like the official CIFAR batches (written by Python 2)."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_bytes(self, obj):
-        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-
-
-def dumps(obj, protocol):
-    """Pickle like Python 2 ("py2", protocol 2) or with a Python 3 protocol."""
-    if protocol != "py2":
-        return pickle.dumps(obj, protocol=protocol)
-    buffer = io.BytesIO()
-    Py2Pickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue()
-
-
-def cifar_members(protocol="py2", **overrides):
-    """Member name -> pickled bytes for a tiny archive; an override of None drops that member."""
-    members = {f"cifar-10-batches-py/data_batch_{i}": cifar_batch(seed=i) for i in range(1, 6)}
-    members["cifar-10-batches-py/test_batch"] = cifar_batch(seed=9)
-    members["cifar-10-batches-py/batches.meta"] = {b"label_names": [n.encode() for n in CIFAR_NAMES]}
-    for short, value in overrides.items():
-        members[f"cifar-10-batches-py/{short}"] = value
-    return {k: v if isinstance(v, bytes) else dumps(v, protocol) for k, v in members.items() if v is not None}
-
-
-def write_cifar(path: Path, protocol="py2", **overrides) -> Path:
-    """Write a .tar.gz in the official layout and return its path."""
-    with tarfile.open(path, "w:gz") as tar:
-        for name, payload in cifar_members(protocol, **overrides).items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return path
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture
 def cifar(tmp_path):
     return write_cifar(tmp_path / "cifar-10-python.tar.gz")
@@ -102,42 +37,6 @@ def cifar(tmp_path):
 
 def load_fake(path: Path):
     return data.load_cifar10(path, expected_md5=md5(path))
-
-
-# --- fake folder and npz ----------------------------------------------------------------------
-
-
-def save_image(path: Path, mode="RGB", size=(32, 32), color=None, fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(path.as_posix()))
-    if color is None:
-        channels = {"RGB": 3, "RGBA": 4}.get(mode)
-        shape = size[::-1] + ((channels,) if channels else ())
-        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode if mode != "P" else "L")
-        img = img.convert(mode)
-    else:
-        img = Image.new(mode, size, color)
-    img.save(path, format=fmt)
-    return path
-
-
-def make_folder(root: Path, classes=("cat", "dog", "frog"), n_train=10, n_test=0) -> Path:
-    for name in classes:
-        for i in range(n_train):
-            save_image(root / "train" / name / f"{i:04d}.{'png' if i % 2 else 'jpg'}")
-        for i in range(n_test):
-            save_image(root / "test" / name / f"{i:04d}.png")
-    return root
-
-
-def make_npz(path: Path, n=40, test=True, **extra) -> Path:
-    rng = np.random.default_rng(0)
-    arrays = {"x_train": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), "y_train": np.arange(n) % 4}
-    if test:
-        arrays |= {"x_test": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), "y_test": np.arange(8) % 4}
-    arrays |= extra
-    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
-    return path
 
 
 # --- digits -------------------------------------------------------------------------------------
@@ -290,21 +189,6 @@ def test_cifar_bad_members(tmp_path, overrides, pattern):
         load_fake(write_cifar(tmp_path / "bad.tar.gz", **overrides))
 
 
-class Evil:
-    """A pickle payload that runs a shell command when loaded by plain pickle.load."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
-class EvalEvil(Evil):
-    def __reduce__(self):
-        return (eval, (self.command,))
-
-
 @pytest.mark.parametrize("payload", [Evil, EvalEvil])
 def test_cifar_malicious_pickle_never_runs(tmp_path, payload):
     marker = tmp_path / "pwned"
@@ -313,6 +197,22 @@ def test_cifar_malicious_pickle_never_runs(tmp_path, payload):
     with pytest.raises(DataError, match=r"data_batch_1: refused to load global \w+\.(system|eval)"):
         load_fake(archive)
     assert not marker.exists()
+
+
+def test_cifar_members_are_never_extracted_anywhere(tmp_path, monkeypatch):
+    """`..` and absolute member names write nothing (members are only read); a symlink member is refused."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    escapes = {"../escaped": b"x", f"{tmp_path}/absolute": b"x", "cifar-10-batches-py/../../escaped-too": b"x"}
+    archive = write_cifar(tmp_path / "names.tar.gz", extra=escapes)
+    monkeypatch.setenv(data.CIFAR10_MD5_ENV, md5(archive))  # the env var the CLI reads, instead of expected_md5
+    assert prepare(make_params("cifar10", str(archive)), work / "out")["splits"]["test"]["count"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["names.tar.gz", "work"]
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+    link = write_cifar(tmp_path / "link.tar.gz", extra={"cifar-10-batches-py/data_batch_1": Path("/etc/passwd")})
+    with pytest.raises(DataError, match="data_batch_1 is not a regular file of sane size"):
+        load_fake(link)
 
 
 # --- folder -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import tensorflow as tf
 import yaml
 
 from conftest import REPO
+from imgclf.io import ImgclfError
 from imgclf.model import build_model, compile_model, load_model
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -95,3 +96,16 @@ def test_initializers_are_xavier_for_kernels_and_biases():
         assert isinstance(layer.kernel_initializer, keras.initializers.GlorotUniform)
         assert isinstance(layer.bias_initializer, keras.initializers.GlorotUniform)
         assert np.any(layer.bias.numpy() != 0)
+
+
+def test_load_model_refuses_a_saved_lambda_and_never_runs_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    inputs = keras.Input((2,))
+    payload = lambda x: (__import__("pathlib").Path("pwned").touch(), x)[1]  # noqa: E731 (saved as bytecode)
+    outputs = keras.layers.Lambda(payload)(inputs)  # runs once here, while building
+    keras.Model(inputs, outputs).save(tmp_path / "evil.keras")
+    marker.unlink()
+    with pytest.raises(ImgclfError, match=r"evil.keras: not loadable as a safe Keras model \(.*Lambda"):
+        load_model(str(tmp_path / "evil.keras"))
+    assert not marker.exists()

@@ -12,18 +12,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, free_port, pipeline_env, run, set_args
+from conftest import REPO, TINY, UNTIL_INTERRUPTED, finished_runs, free_port, pipeline_env, run, set_args
+from conftest import wait_for_metric
 from imgclf.callbacks import EarlyStopLogger
 from imgclf.config import flatten
 from imgclf.model import load_model
 
 pytestmark = pytest.mark.e2e
-
-
-def finished_runs(uri: str, experiment: str) -> list:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
 
 
 def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
@@ -139,19 +134,6 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
     assert version.run_id == r.info.run_id
 
 
-def wait_for_metric(client: MlflowClient, experiment: str, key: str, timeout: float = 120.0):
-    """The first run of `experiment` once it has logged `key`, polling the server."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = finished_runs(client.tracking_uri, experiment)
-        if runs and key in runs[0].data.metrics:
-            return runs[0]
-        time.sleep(0.5)
-    pytest.fail(f"no run of {experiment} logged {key} within {timeout} s")
-
-
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_interrupt_ends_the_run_killed(repo_copy, mlflow_server, signal_name):
     import signal
@@ -160,10 +142,10 @@ def test_interrupt_ends_the_run_killed(repo_copy, mlflow_server, signal_name):
     experiment = f"kill-{signal_name}-{uuid.uuid4().hex[:8]}"
     env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server)
     run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
-    cmd = ["imgclf", *set_args(TINY | {"tracking.experiment": experiment, "train.training_epochs": "500"}), "train"]
+    cmd = ["imgclf", *set_args(UNTIL_INTERRUPTED | {"tracking.experiment": experiment}), "train"]
     proc = subprocess.Popen(cmd, cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_metric(MlflowClient(mlflow_server), experiment, "loss")
+        wait_for_metric(mlflow_server, experiment, "loss")
         proc.send_signal(getattr(signal, signal_name))
         _, stderr = proc.communicate(timeout=60)
     finally:

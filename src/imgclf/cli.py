@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -31,22 +32,15 @@ def cmd_validate(args) -> None:
     print(f"{args.params}: OK")
 
 
-def cmd_prepare(args) -> None:
-    from imgclf import data
+def stage_command(module: str):
+    """The command of a DVC stage: validate the whole params file first (a bad value fails in a
+    fraction of a second, before TensorFlow is imported), then run `imgclf.<module>.main(params)`."""
 
-    data.main(_params(args))
+    def command(args) -> None:
+        params = _params(args)
+        importlib.import_module(f"imgclf.{module}").main(params)
 
-
-def cmd_train(args) -> None:
-    from imgclf import train
-
-    train.main(_params(args))
-
-
-def cmd_evaluate(args) -> None:
-    from imgclf import evaluate
-
-    evaluate.main(_params(args))
+    return command
 
 
 def cmd_predict(args) -> None:
@@ -87,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     add("validate", cmd_validate, "check params.yaml and exit")
-    add("prepare", cmd_prepare, "data -> data/prepared/ arrays + manifest.json")
-    add("train", cmd_train, "train the report's CNN -> models/model.keras")
-    add("evaluate", cmd_evaluate, "F1 and friends -> reports/metrics.json")
+    for name, module, text in (("prepare", "data", "data -> data/prepared/ arrays + manifest.json"),
+                               ("train", "train", "train the report's CNN -> models/model.keras"),
+                               ("evaluate", "evaluate", "F1 and friends -> reports/metrics.json")):
+        add(name, stage_command(module), text)
     predict = add("predict", cmd_predict, "print class and probability per image")
     predict.add_argument("images", nargs="+", help="image files (any size; converted to 32x32 RGB)")
     source = predict.add_mutually_exclusive_group()

@@ -25,8 +25,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from imgclf.io import ImgclfError, atomic_write, new_temp_dir, replace_dir, sha256_array, sha256_bytes
 from imgclf.io import sha256_file, write_json
@@ -38,6 +36,7 @@ SPLITS = ("train", "dev", "test")
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_MD5_ENV = "IMGCLF_CIFAR10_MD5"  # the expected md5 of a re-packed archive, instead of the official one
 CIFAR10_DEFAULT_PATH = "data/raw/cifar-10-python.tar.gz"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN = tuple(f"{CIFAR10_DIR}/data_batch_{i}" for i in range(1, 6))
@@ -142,6 +141,8 @@ def _check_pair(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str, where: s
 
 def load_digits_source() -> Source:
     """sklearn's bundled 8x8 digits, scaled to 0..255 and upscaled 4x to 32x32 RGB."""
+    from sklearn.datasets import load_digits  # imported here: scikit-learn takes ~1 s to import
+
     digits = load_digits()
     images = np.rint(digits.images * 255.0 / 16.0)
     images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)  # nearest-neighbour 8x8 -> 32x32
@@ -236,8 +237,8 @@ def _cifar_batch(data: bytes, member: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{member}: not a CIFAR batch (needs keys b'data' and b'labels'); re-download the archive")
     rows = batch[b"data"]
     if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
-        shape = getattr(rows, "shape", type(rows).__name__)
-        raise DataError(f"{member}: data must be uint8 of shape (N, 3072), got {shape}; re-download the archive")
+        got = f"{rows.dtype} {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__
+        raise DataError(f"{member}: data must be uint8 of shape (N, 3072), got {got}; re-download the archive")
     labels = _check_labels(batch[b"labels"], member, CIFAR10_CLASSES)
     _check_pair(rows, labels, "data", "labels", member)
     # Rows are channel-first (R plane, G plane, B plane); models want channels last.
@@ -253,8 +254,12 @@ def _cifar_classes(data: bytes, member: str) -> list[str]:
     return [n.decode("utf-8", "replace") for n in names]
 
 
-def load_cifar10(path: str | Path | None = None, expected_md5: str = CIFAR10_MD5) -> Source:
-    """The CIFAR-10 python archive (downloaded once if absent), md5-checked, read without extracting."""
+def load_cifar10(path: str | Path | None = None, expected_md5: str | None = None) -> Source:
+    """The CIFAR-10 python archive (downloaded once if absent), md5-checked, read without extracting.
+
+    The md5 expected is `expected_md5`, else $IMGCLF_CIFAR10_MD5, else the official archive's.
+    """
+    expected_md5 = expected_md5 or os.environ.get(CIFAR10_MD5_ENV) or CIFAR10_MD5
     archive = Path(path or CIFAR10_DEFAULT_PATH)
     if not archive.exists():
         _download(CIFAR10_URL, archive)
@@ -453,6 +458,8 @@ def load_source(data: dict) -> Source:
 
 def _stratified(idx: np.ndarray, y: np.ndarray, classes: list[str], seed: int, step: str, **size: Any) -> list:
     """Seeded stratified train_test_split of `idx`; a class too small to split -> DataError."""
+    from sklearn.model_selection import train_test_split
+
     try:
         return train_test_split(idx, stratify=y, random_state=seed, shuffle=True, **size)
     except ValueError as exc:

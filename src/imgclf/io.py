@@ -76,12 +76,13 @@ def replace_dir(tmp: Path, dest: str | Path) -> Path:
     """Move the finished folder `tmp` to `dest`, replacing what was there.
 
     Two renames: the old folder is moved aside first, so at any instant `dest` is either
-    the complete old folder, absent, or the complete new one.
+    the complete old folder, absent, or the complete new one. The aside name matches the
+    `.*.tmp*` pattern git ignores, like the temp folder's, in case a kill lands in between.
     """
     dest = Path(dest)
     old = None
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}.tmp")
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from imgclf.io import ImgclfError
+
 IMAGE_SHAPE = (32, 32, 3)
 
 
@@ -81,4 +83,8 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
 
 def load_model(path: str) -> keras.Model:
     """Load a saved model for inference only; safe_mode refuses pickled Python lambdas in the file."""
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:  # safe mode's refusal, or not a Keras model file at all
+        reason = " ".join(str(exc).split())[:160]
+        raise ImgclfError(f"{path}: not loadable as a safe Keras model ({reason}); use a model saved by imgclf") from None

@@ -3,29 +3,57 @@
 Tracking URI: MLFLOW_TRACKING_URI when set, else `sqlite:///<repo>/mlflow.db` with artifacts in
 `<repo>/mlruns`, where <repo> is DVC_ROOT when DVC runs us (queued experiments run in temporary
 copies that DVC deletes) or the working directory.
+
+Failures of the store never pass silently or hang: HTTP retries are bounded (HTTP_DEFAULTS), a
+store error in the middle of a run becomes one TrackingError line naming the URI, and creating a
+sqlite store is serialised so concurrent experiments can share one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
+import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import keras
 import mlflow
+import requests
+import sqlalchemy.exc
 import yaml
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 
 from imgclf.config import flatten
 from imgclf.io import ImgclfError
 
 KILLED_BY = (KeyboardInterrupt, SystemExit)
+# What a failing tracking store raises: MLflow's own errors (HTTP failures after the retries come
+# wrapped in them), and raw requests / SQLAlchemy errors from artifact uploads and sqlite set-up.
+STORE_FAILURES = (mlflow.exceptions.MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError)
+# MLflow retries an HTTP request 7 times (backoff factor 2) and waits 120 s per try: a dead server
+# stalls a run for minutes. These defaults give up after ~8 s on a dead server (4 tries, 0 + 2 + 4 s
+# of backoff plus up to 1 s jitter each) and within ~2 min on a hung one; the user's settings win.
+HTTP_DEFAULTS = {
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES: "3",
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR: "1",
+    MLFLOW_HTTP_REQUEST_TIMEOUT: "20",
+}
 
 
 class TrackingError(ImgclfError):
     """The tracking server or store cannot be used, or a run id is unknown."""
+
+
+RESUME = "rerun: training resumes from its last checkpoint"
 
 
 def repo_root() -> Path:
@@ -45,8 +73,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError with one line naming the URI when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    import requests
-
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.RequestException as exc:
@@ -57,11 +83,65 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def configure() -> tuple[str, bool]:
-    """Point MLflow at the tracking store and fail fast when a server is unreachable."""
+    """Point MLflow at the tracking store with bounded HTTP retries; fail fast when a server is unreachable."""
+    for variable, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(variable.name, value)
     uri, is_default = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    with store_lock(uri), store_errors("rerun"):
+        mlflow.search_experiments(max_results=1)  # creates a fresh sqlite store's tables, under the lock
     return uri, is_default
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store, hold an exclusive lock shared by every imgclf process on this machine.
+
+    MLflow creates a fresh sqlite store's tables without any lock, so two queued experiments
+    starting together crash with `table ... already exists`; getting-or-creating the experiment
+    and the dataset row race the same way. Other stores need no lock.
+    """
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    import fcntl
+
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"imgclf-{os.getuid()}-{key}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def store_failure(exc: BaseException, then: str) -> TrackingError:
+    """One line naming the store's URI, what went wrong and what to do (`then`: how to carry on)."""
+    uri = mlflow.get_tracking_uri()
+    text = " ".join(str(exc).split()).split(" [SQL:")[0]
+    if unreachable(exc):
+        errno = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", text)
+        why = "timed out" if "timeout" in text.lower() else errno.group(1).strip().lower() if errno else "no answer"
+        retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+        return TrackingError(f"MLflow tracking server {uri} stopped answering ({why}, gave up after {retries} "
+                             f"retries); restart it or fix MLFLOW_TRACKING_URI, then {then}")
+    return TrackingError(f"MLflow tracking store {uri} failed ({text[:200]}); fix it or unset "
+                         f"MLFLOW_TRACKING_URI, then {then}")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the server did not answer (MLflow wraps HTTP failures after its retries)."""
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout)) or str(exc).startswith("API request to")
+
+
+@contextlib.contextmanager
+def store_errors(then: str) -> Iterator[None]:
+    """Turn a store failure raised inside the block into a one-line TrackingError (see store_failure)."""
+    try:
+        yield
+    except STORE_FAILURES as exc:
+        raise store_failure(exc, then) from None
 
 
 def git_facts(root: Path) -> dict[str, str]:
@@ -94,14 +174,40 @@ def environment_tags(device: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _ends_active_run() -> Iterator[None]:
-    """End the active run FINISHED, or KILLED (Ctrl-C/SIGTERM) / FAILED when the block raises."""
+def _ends_active_run(then: str) -> Iterator[None]:
+    """End the active run FINISHED, or KILLED (Ctrl-C/SIGTERM) / FAILED when the block raises.
+
+    A store failure inside the block (or while ending the run) becomes a one-line TrackingError
+    that says how to carry on (`then`); the run is then ended with a single quick try, because
+    the store that just failed would otherwise be retried all over again.
+    """
     try:
-        yield
-    except BaseException as exc:
-        mlflow.end_run("KILLED" if isinstance(exc, KILLED_BY) else "FAILED")
+        with store_errors(then):
+            yield
+            mlflow.end_run("FINISHED")
+    except TrackingError:
+        _end_run_quietly("FAILED", retries=0)
         raise
-    mlflow.end_run("FINISHED")
+    except BaseException as exc:
+        _end_run_quietly("KILLED" if isinstance(exc, KILLED_BY) else "FAILED")
+        raise
+
+
+def _end_run_quietly(status: str, retries: int | None = None) -> None:
+    """End the active run (if any) with `status`; a store failure here must not hide the real error."""
+    name = MLFLOW_HTTP_REQUEST_MAX_RETRIES.name
+    saved = os.environ.get(name)
+    if retries is not None:
+        os.environ[name] = str(retries)
+    try:
+        mlflow.end_run(status)
+    except STORE_FAILURES:
+        pass  # mlflow.end_run pops the local run first: nothing stays active
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 class Tracker:
@@ -115,13 +221,11 @@ class Tracker:
         """Point MLflow at the store, fail fast when unreachable, and get or create the experiment."""
         uri, is_default = configure()
         name = tracking_cfg["experiment"]
-        try:
+        with store_lock(uri), store_errors("rerun"):  # the lock: two new runs must not both create it
             experiment = mlflow.get_experiment_by_name(name)
             if experiment is None:
                 artifacts = (repo_root() / "mlruns").as_uri() if is_default else None
                 return cls(mlflow.create_experiment(name, artifact_location=artifacts), tracking_cfg["register_model"])
-        except mlflow.exceptions.MlflowException as exc:
-            raise TrackingError(f"MLflow tracking store {uri}: {str(exc).splitlines()[0]}") from None
         return cls(experiment.experiment_id, tracking_cfg["register_model"])
 
     @contextlib.contextmanager
@@ -129,8 +233,9 @@ class Tracker:
                      tags: dict | None = None) -> Iterator["TrainingRun"]:
         """A run holding params and lineage (the interrupted one when resuming); it ends FAILED on an
         error and KILLED on Ctrl-C/SIGTERM."""
-        run = self._start(resume_run_id)
-        with _ends_active_run():
+        with store_errors(RESUME):
+            run = self._start(resume_run_id)
+        with _ends_active_run(RESUME):
             handle = TrainingRun(run.info.run_id, self.register_as)
             handle.log_start(params, manifest, model, device, tags or {})
             yield handle
@@ -140,7 +245,9 @@ class Tracker:
         if resume_run_id:
             try:
                 return mlflow.start_run(run_id=resume_run_id)
-            except mlflow.exceptions.MlflowException:
+            except mlflow.exceptions.MlflowException as exc:
+                if unreachable(exc):
+                    raise
                 print(f"MLflow run {resume_run_id} of the checkpoint is not in this store; starting a new run")
         if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run already: log into it
             return mlflow.start_run()
@@ -153,8 +260,10 @@ class Tracker:
         try:
             mlflow.start_run(run_id=run_id)
         except mlflow.exceptions.MlflowException as exc:
+            if unreachable(exc):
+                raise store_failure(exc, "rerun the evaluate stage") from None
             raise TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; rerun the train stage") from None
-        with _ends_active_run():
+        with _ends_active_run("rerun the evaluate stage"):
             yield run_id
 
 
@@ -178,7 +287,10 @@ class TrainingRun:
         })
         mlflow.log_text(yaml.safe_dump(params, sort_keys=False), "params.yaml")
         mlflow.log_dict(manifest, "data/manifest.json")
-        mlflow.log_input(_prepared_dataset(manifest), context="training")
+        # MLflow's sqlite store gets-or-creates the dataset row without a lock, so two runs on the same data
+        # starting together can both insert it (`UNIQUE constraint failed: datasets...`).
+        with store_lock(mlflow.get_tracking_uri()):
+            mlflow.log_input(_prepared_dataset(manifest), context="training")
 
     def log_missing_epochs(self, history: list[dict]) -> None:
         """After a resume: log the checkpointed epochs the interrupted process did not get to log."""

@@ -188,9 +188,9 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
         if resume:
             run.log_missing_epochs(resume["history"])
         history, early = fit(model, splits, params, run, resume, ckpt_dir, fingerprint)
-        # 5. Save everything atomically: a killed process never leaves a half-written output.
+        # 5. Log the end of training, then save everything atomically: a killed process or a failed
+        #    upload never leaves a model on disk that looks finished.
         trained = inference_copy(model)
-        atomic_write(model_path, lambda tmp: trained.save(tmp))
         write_history(history, reports_dir)
         summary = {
             **early,
@@ -203,6 +203,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
             "mlflow_run_id": run.run_id,
         }
         run.log_training_end(summary, trained, reports_dir)
+        atomic_write(model_path, lambda tmp: trained.save(tmp))
     write_json(reports_dir / "train.json", summary)
     checkpoint.clear(ckpt_dir)
     return summary
