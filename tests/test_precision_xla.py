@@ -58,4 +58,4 @@ def test_jit_compile_trains_with_xla_and_leaves_op_determinism_off():
     model = compiled(jit_compile=True)
     assert math.isfinite(fit_one_epoch(model))
     assert model.jit_compile is True  # still on after the first step: XLA really compiled it
-    assert compiled().jit_compile is False  # the default: no XLA, even on a GPU (Keras' "auto" would pick it)
+    assert compiled().jit_compile is False  # the default is an explicit False, never Keras' "auto"

@@ -67,7 +67,7 @@ def build_model(model_cfg: dict, train_cfg: dict, num_classes: int) -> keras.Mod
 def compile_model(model: keras.Model, learning_rate: float, jit_compile: bool = False) -> keras.Model:
     """Adam + mean softmax cross-entropy on logits; Keras adds the kernels' L2 terms to the loss.
 
-    jit_compile is explicit: Keras' default ("auto") would silently turn XLA on whenever a GPU is visible.
+    jit_compile is explicit: Keras' default ("auto") turns XLA on by itself on a GPU without op determinism.
     """
     model.compile(
         jit_compile=jit_compile,
