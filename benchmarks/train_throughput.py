@@ -10,7 +10,7 @@ Three ways to train the same compiled net (imgclf.train.build_compiled, op deter
 The first epoch (tracing, warm-up) is not timed. Medians over --repeats runs; runs are interleaved so
 that load from other processes hits every variant alike.
 
-Usage: python benchmarks/train_throughput.py [--repeats 3] [--images 384] [--epochs 3]
+Usage: python benchmarks/train_throughput.py [--repeats 5] [--images 384] [--epochs 3]
        [--conv-blocks '[[64, 64], ...]' --dense-units '[2048, 2048]']   (default: the report's net)
 """
 
@@ -92,7 +92,7 @@ def child(variant: str, images: int, epochs: int, model_overrides: list[str]) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=384)
     parser.add_argument("--epochs", type=int, default=3, help="including the untimed first epoch")
     parser.add_argument("--conv-blocks", help="model.conv_blocks, e.g. '[[32], [64]]' (default: params.yaml)")
