@@ -1,10 +1,16 @@
 # make run   : create .venv if missing, then run the whole pipeline (dvc repro)
 # make test  : create .venv if missing, then the whole test suite
 # make setup : create or update .venv from requirements.lock + the package (editable)
+# make setup GPU=1 : the same with TensorFlow's CUDA build (tensorflow[and-cuda], the lock's version) instead
+#                    of tensorflow-cpu; later make run/test keep it; make setup GPU=0 goes back to the CPU build
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
+# A venv set up with GPU=1 stays a GPU venv unless GPU=0 is given.
+GPU    ?= $(if $(wildcard $(VENV)/.installed-gpu),1,0)
+TF_VERSION := $(shell sed -n 's/^tensorflow_cpu==//p' requirements.lock)
+STAMP  := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
@@ -12,11 +18,22 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+# Both TensorFlow builds install the same `tensorflow` package folder: the other build is removed first.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(BIN)/python -c "import imgclf, tensorflow, mlflow, dvc" && touch $(STAMP)
+	if $(PIP) show tensorflow >/dev/null 2>&1; then $(PIP) uninstall -y tensorflow tensorflow-cpu; fi
+	$(PIP) install -r requirements.lock
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import imgclf, tensorflow, mlflow, dvc" && rm -f $(VENV)/.installed-gpu && touch $@
+
+$(VENV)/.installed-gpu: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	if $(PIP) show tensorflow-cpu >/dev/null 2>&1; then $(PIP) uninstall -y tensorflow-cpu; fi
+	grep -v '^tensorflow_cpu==' requirements.lock > $(VENV)/requirements-gpu.txt
+	$(PIP) install -r $(VENV)/requirements-gpu.txt 'tensorflow[and-cuda]==$(TF_VERSION)'
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import imgclf, tensorflow as tf, mlflow, dvc; print('GPUs:', tf.config.list_physical_devices('GPU'))"
+	rm -f $(VENV)/.installed && touch $@
 
 run: $(STAMP)
 	$(BIN)/imgclf validate
@@ -25,7 +42,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-lock: $(STAMP)
+# The lock is the CPU environment: a GPU venv is switched back to tensorflow-cpu first.
+lock: $(VENV)/.installed
 	( echo '# The complete, exact environment `make setup` installs (pip freeze of a working .venv).'; \
 	  echo '# Regenerate with `make lock` after changing pyproject.toml.'; \
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^imgclf' ) > requirements.lock

@@ -13,10 +13,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, epoch_timer
 
 
 def child(deterministic: bool, images: int, epochs: int) -> None:
@@ -38,16 +36,8 @@ def child(deterministic: bool, images: int, epochs: int) -> None:
     model = compile_model(build_model(params["model"], params["train"], 10), params["train"]["learning_rate"])
     batch = params["train"]["batch_size"]
     times: list[float] = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.start)
-
     model.fit(make_dataset(x, y, batch, params["seed"], 0, epochs), epochs=epochs,
-              steps_per_epoch=steps_per_epoch(len(x), batch), callbacks=[Timer()], verbose=0)
+              steps_per_epoch=steps_per_epoch(len(x), batch), callbacks=[epoch_timer(times)], verbose=0)
     print(json.dumps({"images_per_s": len(x) * (epochs - 1) / sum(times[1:])}))
 
 

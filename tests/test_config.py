@@ -31,6 +31,7 @@ def test_repo_params_are_the_reports_settings():
     assert params["train"] == {
         "learning_rate": 0.001, "training_epochs": 50, "batch_size": 128, "regularization_strength": 0.01,
         "keep_prob": 0.6, "early_stopping": {"monitor": "loss", "patience": 5},
+        "mixed_precision": "none", "jit_compile": False, "distribute": "none",  # the report: float32, one device
     }
     assert params["model"]["input_scale"] == 1.0
     assert params["data"]["dataset"] == "digits"
@@ -46,6 +47,9 @@ def test_repo_params_are_the_reports_settings():
     ("train.training_epochs", 0, "train.training_epochs=0: must be >= 1"),
     ("train.early_stopping.patience", -1, "train.early_stopping.patience=-1: must be >= 0"),
     ("train.early_stopping.monitor", "acc", "must be one of loss, val_loss"),
+    ("train.mixed_precision", "float16", "must be one of none, mixed_float16, mixed_bfloat16"),
+    ("train.jit_compile", 1, "train.jit_compile: must be true/false, got 1"),
+    ("train.distribute", "tpu", "train.distribute='tpu': must be one of none, mirrored, multi_worker"),
     ("data.dev_fraction", 1, "data.dev_fraction=1: must be in (0, 1)"),
     ("data.dev_fraction", 0, "data.dev_fraction=0: must be in (0, 1)"),
     ("data.dataset", "mnist", "must be one of digits, cifar10, folder, npz"),

@@ -13,6 +13,7 @@ from fakes import CIFAR_NAMES, EvalEvil, Evil, cifar_batch, dumps, make_folder, 
 from fakes import write_cifar
 from imgclf import data
 from imgclf.data import DataError, load_prepared, prepare
+from imgclf.io import sha256_array
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -76,6 +77,17 @@ def test_split_is_stratified_deterministic_and_seeded(tmp_path):
     totals = np.bincount(np.concatenate([np.load(tmp_path / "a" / f"y_{s}.npy") for s in ("train", "dev")]))
     dev = np.array(list(first["splits"]["dev"]["per_class"].values()))
     assert np.all(np.abs(dev - totals * 0.1) <= 1)
+
+
+@pytest.mark.parametrize("chunk", [1, 300, 4096])
+def test_split_rows_are_written_chunk_by_chunk_exactly_like_np_save(tmp_path, chunk):
+    source = data.load_digits_source()
+    rows = np.random.default_rng(0).permutation(len(source.y))[:1000]
+    for array in (source.x, source.y):
+        digest = data._save_rows(tmp_path / "chunked.npy", array, rows, chunk)
+        np.save(tmp_path / "whole.npy", array[rows])
+        assert (tmp_path / "chunked.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+        assert digest == sha256_array(array[rows])
 
 
 def test_max_train_samples(tmp_path):

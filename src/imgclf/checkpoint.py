@@ -34,8 +34,9 @@ def _seed_states(model: keras.Model) -> list:
     return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
 
 
-def load(ckpt_dir: str | Path, expected_fingerprint: str) -> dict | None:
-    """The saved state if it exists and matches this configuration, else None."""
+def load(ckpt_dir: str | Path, expected_fingerprint: str, clear_stale: bool = True) -> dict | None:
+    """The saved state if it exists and matches this configuration, else None (a stale one is deleted
+    when clear_stale: only the process that writes checkpoints may delete one)."""
     path = Path(ckpt_dir) / STATE
     if not path.is_file():
         return None
@@ -45,7 +46,8 @@ def load(ckpt_dir: str | Path, expected_fingerprint: str) -> dict | None:
         state = {}
     if state.get("fingerprint") != expected_fingerprint or not (Path(ckpt_dir) / state.get("weights", "")).is_file():
         print(f"Ignoring the checkpoint in {ckpt_dir}: it belongs to other params or data; starting afresh.")
-        clear(ckpt_dir)
+        if clear_stale:
+            clear(ckpt_dir)
         return None
     return state
 
@@ -64,15 +66,21 @@ def clear(ckpt_dir: str | Path) -> None:
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the state after each completed epoch: weights file first, then state.json names it."""
+    """Saves the state after each completed epoch: weights file first, then state.json names it.
 
-    def __init__(self, ckpt_dir: str | Path, fingerprint: str, history: list[dict], early, run_id: str):
+    write=False (a non-chief worker) only collects the history.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, fingerprint: str, history: list[dict], early, run_id: str | None,
+                 write: bool = True):
         super().__init__()
         self.dir, self.fingerprint, self.history = Path(ckpt_dir), fingerprint, list(history)
-        self.early, self.run_id = early, run_id
+        self.early, self.run_id, self.write = early, run_id, write
 
     def on_epoch_end(self, epoch, logs=None):
         self.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
+        if not self.write:
+            return
         weights = f"epoch-{epoch + 1:04d}.weights.h5"
         atomic_write(self.dir / weights, lambda tmp: self.model.save_weights(tmp))
         early_state, best_weights = self.early.get_state()

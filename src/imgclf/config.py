@@ -22,6 +22,8 @@ from imgclf.io import ImgclfError
 PARAMS_FILE = "params.yaml"
 DATASETS = ("digits", "cifar10", "folder", "npz")
 MONITORS = ("loss", "val_loss")
+PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("none", "mirrored", "multi_worker")
 
 
 class _Loader(yaml.SafeLoader):
@@ -101,6 +103,9 @@ SCHEMA: dict[str, Any] = {
             "monitor": Key(STR, lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}"),
             "patience": Key(INT, lambda v: v >= 0, ">= 0"),
         },
+        "mixed_precision": Key(STR, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+        "jit_compile": Key(BOOL),
+        "distribute": Key(STR, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     },
     "tracking": {
         "experiment": Key(STR, lambda v: bool(v.strip()), "a non-empty name"),

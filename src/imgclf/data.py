@@ -8,6 +8,7 @@ stage stays light. Untrusted pickles (CIFAR batches) go through a restricted unp
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -141,7 +142,7 @@ def _check_pair(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str, where: s
 
 def load_digits_source() -> Source:
     """sklearn's bundled 8x8 digits, scaled to 0..255 and upscaled 4x to 32x32 RGB."""
-    from sklearn.datasets import load_digits  # imported here: scikit-learn takes ~1 s to import
+    from sklearn.datasets import load_digits  # imported here: scikit-learn takes ~1 s and ~190 MB
 
     digits = load_digits()
     images = np.rint(digits.images * 255.0 / 16.0)
@@ -207,24 +208,27 @@ def _md5_file(path: Path) -> str:
         return hashlib.file_digest(fh, "md5").hexdigest()
 
 
-def _read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
-    """Read the wanted members' bytes straight from the tar, never extracting anything to disk."""
-    found: dict[str, bytes] = {}
+def _read_members(archive: Path, decoders: dict[str, Callable[[bytes, str], Any]]) -> dict[str, Any]:
+    """Read and decode the wanted members straight from the tar, never extracting anything to disk.
+
+    Each member is decoded as soon as it is read, so only one member's raw bytes are in memory at once.
+    """
+    found: dict[str, Any] = {}
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:  # read to the end so the gzip trailer and CRC get checked
                 name = member.name.removeprefix("./")
-                if name not in wanted:
+                if name not in decoders:
                     continue
                 if not member.isfile() or member.size > MAX_MEMBER_BYTES:
                     raise DataError(f"{archive}: {name} is not a regular file of sane size; use the official archive")
-                found[name] = tar.extractfile(member).read()
+                found[name] = decoders[name](tar.extractfile(member).read(), f"{archive}: {name}")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(
             f"{archive}: truncated or not a gzip tar archive ({_one_line(exc)}); "
             "re-download it or point data.path at a good copy"
         ) from None
-    missing = sorted(wanted - set(found))
+    missing = sorted(set(decoders) - set(found))
     if missing:
         raise DataError(f"{archive}: member {missing[0]} missing; use the official cifar-10-python.tar.gz")
     return found
@@ -271,14 +275,16 @@ def load_cifar10(path: str | Path | None = None, expected_md5: str | None = None
             f"{archive}: md5 {md5} != expected {expected_md5} (corrupt or not the official archive); "
             "re-download cifar-10-python.tar.gz or point data.path at a good copy"
         )
-    members = _read_members(archive, {*CIFAR10_TRAIN, CIFAR10_TEST, CIFAR10_META})
-    batches = [_cifar_batch(members.pop(name), f"{archive}: {name}") for name in CIFAR10_TRAIN]
-    test = _cifar_batch(members.pop(CIFAR10_TEST), f"{archive}: {CIFAR10_TEST}")
-    x = np.ascontiguousarray(np.concatenate([b[0] for b in batches]))
+    decoders = {name: _cifar_batch for name in (*CIFAR10_TRAIN, CIFAR10_TEST)} | {CIFAR10_META: _cifar_classes}
+    members = _read_members(archive, decoders)
+    batches = [members.pop(name) for name in CIFAR10_TRAIN]
+    test = members.pop(CIFAR10_TEST)
     y = np.concatenate([b[1] for b in batches])
+    # One copy, straight into C order: concatenating the transposed views keeps their layout, and making
+    # that contiguous afterwards would hold the training images twice.
+    x = np.concatenate([b[0] for b in batches], out=np.empty((len(y), *IMAGE_SHAPE), np.uint8))
     info = {"path": str(path or CIFAR10_DEFAULT_PATH), "sha256": sha256_file(archive), "md5": md5}
-    classes = _cifar_classes(members[CIFAR10_META], f"{archive}: {CIFAR10_META}")
-    return Source(x, y, classes, info, (np.ascontiguousarray(test[0]), test[1]))
+    return Source(x, y, members[CIFAR10_META], info, (np.ascontiguousarray(test[0]), test[1]))
 
 
 # --- folder ---------------------------------------------------------------------------------
@@ -458,6 +464,7 @@ def load_source(data: dict) -> Source:
 
 def _stratified(idx: np.ndarray, y: np.ndarray, classes: list[str], seed: int, step: str, **size: Any) -> list:
     """Seeded stratified train_test_split of `idx`; a class too small to split -> DataError."""
+    # Imported only now: sklearn adds ~190 MB of memory, which a CIFAR-sized load need not carry at its peak.
     from sklearn.model_selection import train_test_split
 
     try:
@@ -473,7 +480,11 @@ def _stratified(idx: np.ndarray, y: np.ndarray, classes: list[str], seed: int, s
 
 
 def split_source(source: Source, seed: int, dev_fraction: float, max_train_samples: int | None) -> dict:
-    """{"train", "dev"[, "test"]} -> (x, y): optional stratified subset, then stratified dev split."""
+    """{"train", "dev"[, "test"]} -> (x, y, rows): optional stratified subset, then stratified dev split.
+
+    A split is the rows `rows` (all when None) of x and y: they are only copied out chunk by chunk
+    when written, so the data set is never in memory twice.
+    """
     if len(source.y) == 0:
         raise DataError(f"{source.info['path']}: no training images; add some")
     idx = np.arange(len(source.y))
@@ -482,21 +493,39 @@ def split_source(source: Source, seed: int, dev_fraction: float, max_train_sampl
         idx = _stratified(idx, source.y, source.classes, seed, step, train_size=max_train_samples)[0]
     step = f"data.dev_fraction={dev_fraction} of {len(idx)} images"
     train, dev = _stratified(idx, source.y[idx], source.classes, seed, step, test_size=dev_fraction)
-    splits = {"train": (source.x[train], source.y[train]), "dev": (source.x[dev], source.y[dev])}
+    splits = {"train": (source.x, source.y, train), "dev": (source.x, source.y, dev)}
     if source.test is not None:
-        splits["test"] = source.test
+        splits["test"] = (*source.test, None)
     return splits
+
+
+def _save_rows(path: Path, array: np.ndarray, rows: np.ndarray | None, chunk: int = 4096) -> str:
+    """np.save(path, array[rows]) and return sha256_array(array[rows]), without ever holding array[rows].
+
+    The same .npy bytes as np.save (format 1.0 header, C order) and the same digest as sha256_array.
+    """
+    rows = np.arange(len(array)) if rows is None else rows
+    shape = (len(rows), *array.shape[1:])
+    digest = hashlib.sha256(f"{array.dtype.str}{shape}".encode())
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": shape}
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for start in range(0, len(rows), chunk):
+            block = np.ascontiguousarray(array[rows[start:start + chunk]]).reshape(-1).view(np.uint8)
+            fh.write(block)
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_splits(folder: Path, splits: dict, source: Source, params: dict) -> dict:
     """Save every split's arrays into `folder` and write manifest.json describing them."""
     arrays, summary = {}, {}
-    for split, (x, y) in splits.items():
+    for split, (x, y, rows) in splits.items():
         for name, array in ((f"x_{split}.npy", x), (f"y_{split}.npy", y)):
-            np.save(folder / name, array, allow_pickle=False)
-            arrays[name] = sha256_array(array)
-        counts = np.bincount(y, minlength=len(source.classes))
-        summary[split] = {"count": int(len(y)), "per_class": dict(zip(source.classes, map(int, counts)))}
+            arrays[name] = _save_rows(folder / name, array, rows)
+        labels = y if rows is None else y[rows]
+        counts = np.bincount(labels, minlength=len(source.classes))
+        summary[split] = {"count": int(len(labels)), "per_class": dict(zip(source.classes, map(int, counts)))}
     data = params["data"]
     manifest = {
         "dataset": data["dataset"],
@@ -517,8 +546,25 @@ def _write_splits(folder: Path, splits: dict, source: Source, params: dict) -> d
 
 def prepare(params: dict, out_dir: str | Path = PREPARED_DIR) -> dict:
     """Load params["data"]'s source, split it with params["seed"], replace out_dir atomically; return the manifest."""
+    return write_prepared(load_source(params["data"]), params, out_dir)
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory the load has freed back to the OS before the split allocates more (glibc only).
+
+    glibc keeps freed blocks below 32 MB (each raw CIFAR batch is ~31 MB) for reuse, so without this
+    the split's sklearn import and copies would add ~150 MB to a CIFAR prepare's peak. Elsewhere: no-op.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def write_prepared(source: Source, params: dict, out_dir: str | Path = PREPARED_DIR) -> dict:
+    """Split a loaded source with params["seed"] and replace out_dir atomically; return the manifest."""
+    _return_freed_memory()
     data = params["data"]
-    source = load_source(data)
     splits = split_source(source, params["seed"], data["dev_fraction"], data["max_train_samples"])
     tmp = new_temp_dir(out_dir)
     try:

@@ -28,14 +28,18 @@ def _conv(filters: int, kernel_size: int, reg, name: str) -> keras.layers.Conv2D
     )
 
 
-def _dense(units: int, reg, name: str) -> keras.layers.Dense:
-    """FC layer with no activation (the report's l10/l11 are affine only), Xavier kernel and bias."""
+def _dense(units: int, reg, name: str, dtype: str | None = None) -> keras.layers.Dense:
+    """FC layer with no activation (the report's l10/l11 are affine only), Xavier kernel and bias.
+
+    `dtype=None` follows the global (possibly mixed) precision policy.
+    """
     return keras.layers.Dense(
         units,
         kernel_initializer="glorot_uniform",
         bias_initializer="glorot_uniform",
         kernel_regularizer=reg,
         name=name,
+        dtype=dtype,
     )
 
 
@@ -67,13 +71,18 @@ def build_model(model_cfg: dict, train_cfg: dict, num_classes: int) -> keras.Mod
     for i, units in enumerate(model_cfg["dense_units"], start=1):
         x = _dense(units, reg, f"fc{i}")(x)
         x = keras.layers.Dropout(dropout_rate, name=f"fc{i}_dropout")(x)
-    logits = _dense(num_classes, reg, "logits")(x)
+    # float32 logits even under a mixed policy: softmax cross-entropy in float16 loses precision and overflows.
+    logits = _dense(num_classes, reg, "logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name="report_cnn")
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
-    """Adam + mean softmax cross-entropy on logits; Keras adds the kernels' L2 terms to the loss."""
+def compile_model(model: keras.Model, learning_rate: float, jit_compile: bool = False) -> keras.Model:
+    """Adam + mean softmax cross-entropy on logits; Keras adds the kernels' L2 terms to the loss.
+
+    jit_compile is explicit: Keras' default ("auto") turns XLA on by itself on a GPU without op determinism.
+    """
     model.compile(
+        jit_compile=jit_compile,
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import checkpoint, tracking
+from imgclf import checkpoint, distribute, tracking
 from imgclf.data import PREPARED_DIR, load_prepared
 from imgclf.io import atomic_write, sha256_bytes, write_json
 
@@ -25,13 +26,48 @@ HISTORY_COLUMNS = (
 )
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and TF from params.yaml and make TF ops deterministic (never the clock)."""
+def seed_everything(seed: int, jit_compile: bool = False) -> None:
+    """Seed Python, NumPy and TF from params.yaml (never the clock); make TF ops deterministic unless XLA.
+
+    Keras silently turns XLA off while op determinism is on (not every XLA kernel is deterministic),
+    so train.jit_compile=true has to trade bit-identical reruns for its speed.
+    """
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if not jit_compile:
+        tf.config.experimental.enable_op_determinism()
+
+
+@contextlib.contextmanager
+def precision_policy(name: str):
+    """Layers built inside get Keras' `mixed_float16`/`mixed_bfloat16` policy (`none`: float32).
+
+    The global policy is restored afterwards: each layer keeps its own policy, and nothing built
+    later (the inference copy, other tests) should inherit it by accident.
+    """
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32" if name == "none" else name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build_compiled(params: dict, num_classes: int, strategy):
+    """The report's net, built and compiled in the strategy's scope (mirrored variables, one per replica)
+    under train.mixed_precision, with XLA when train.jit_compile (Keras wraps Adam in a LossScaleOptimizer
+    for mixed_float16 by itself)."""
+    from imgclf.model import build_model, compile_model
+
+    cfg = params["train"]
+    with strategy.scope(), precision_policy(cfg["mixed_precision"]):
+        model = build_model(params["model"], cfg, num_classes)
+        compile_model(model, cfg["learning_rate"], cfg["jit_compile"])
+    return model
 
 
 def device_name() -> str:
@@ -67,7 +103,11 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first
 
     ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
     ds = ds.map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32), tf.gather(labels, idx)))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Multi-worker: each worker takes its share of every global batch (the default first tries to shard
+    # by input file, which in-memory arrays do not have). Single-process strategies ignore this.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def progress_verbosity() -> int:
@@ -123,8 +163,12 @@ def plot_loss(history: list[dict], path: Path) -> None:
 
 
 def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: Path,
-        fingerprint: str) -> tuple[list[dict], dict]:
-    """model.fit with the report's loss sum and early stop, dev metrics, a checkpoint per epoch."""
+        fingerprint: str, write: bool = True) -> tuple[list[dict], dict]:
+    """model.fit with the report's loss sum and early stop, dev metrics, a checkpoint per epoch.
+
+    write=False (non-chief workers) skips the checkpoint files; every worker still runs every callback,
+    because the dev predictions and metric reads are collectives all workers must join.
+    """
     from imgclf.callbacks import DevMetrics, EarlyStopLogger, EpochLossSum, EpochTimer, StopOnNonFiniteLoss
 
     cfg, seed = params["train"], params["seed"]
@@ -135,7 +179,7 @@ def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: P
         early.set_state(resume["early_stopping"], checkpoint.load_best_weights(resume, ckpt_dir))
         if resume["early_stopping"]["stopped_epoch"]:
             first_epoch = cfg["training_epochs"]  # it had stopped early: nothing left to train
-    saver = checkpoint.EpochCheckpoint(ckpt_dir, fingerprint, done, early, run.run_id)
+    saver = checkpoint.EpochCheckpoint(ckpt_dir, fingerprint, done, early, run.run_id, write=write)
     callbacks = [
         EpochTimer(),
         StopOnNonFiniteLoss(),
@@ -146,6 +190,7 @@ def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: P
         run.epoch_callback(),
     ]
     if first_epoch < cfg["training_epochs"]:
+        distribute.patch_keras_for_multi_worker(model, x_train, y_train)
         model.fit(
             make_dataset(x_train, y_train, cfg["batch_size"], seed, first_epoch, cfg["training_epochs"]),
             epochs=cfg["training_epochs"],
@@ -158,40 +203,58 @@ def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: P
     return saver.history, early.summary()
 
 
+def _resume(model, strategy, ckpt_dir: Path, fingerprint: str, chief: bool) -> dict | None:
+    """The checkpoint of this very configuration, restored into the model, or None to start afresh.
+
+    Non-chief workers read the chief's checkpoint (when the folder is shared) but never delete one.
+    """
+    resume = checkpoint.load(ckpt_dir, fingerprint, clear_stale=chief)
+    if resume:
+        with strategy.scope():  # restoring builds the optimizer's variables: they must be mirrored too
+            checkpoint.restore(model, resume, ckpt_dir)
+        print(f"Resuming after epoch {resume['epoch']} from {ckpt_dir}")
+    distribute.check_same_start(strategy, resume["epoch"] if resume else 0)
+    return resume
+
+
 def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
           reports_dir: str | Path = REPORTS_DIR, ckpt_dir: str | Path = checkpoint.CHECKPOINT_DIR,
           tags: dict | None = None) -> dict:
-    """Seed, load data, build the net (or resume it), fit under an MLflow run, save model and reports."""
-    from imgclf.model import build_model, compile_model
+    """Seed, load data, build the net (or resume it), fit under an MLflow run, save model and reports.
 
+    Under train.distribute=multi_worker every worker calls this; only the chief writes files or logs.
+    """
     start = time.perf_counter()
-    reports_dir, ckpt_dir = Path(reports_dir), Path(ckpt_dir)
-    # 1. Fail fast on an unreachable tracking server, before any expensive work.
-    tracker = tracking.Tracker.connect(params["tracking"])
+    reports_dir, ckpt_dir, cfg = Path(reports_dir), Path(ckpt_dir), params["train"]
+    # 1. The strategy first (multi-worker collectives must be set up before any other TF op), then fail
+    #    fast on an unreachable tracking server, before any expensive work. Only the chief tracks.
+    strategy = distribute.make_strategy(cfg["distribute"])
+    chief = distribute.is_chief(strategy)
+    tracker = tracking.Tracker.connect(params["tracking"]) if chief else distribute.NullTracker()
     # 2. Seed everything from params.yaml and load the prepared arrays.
-    seed_everything(params["seed"])
+    seed_everything(params["seed"], cfg["jit_compile"])
     splits, manifest = load_prepared(prepared_dir)
     # 3. Build the report's net; continue from a checkpoint of this very configuration if one exists.
-    model = build_model(params["model"], params["train"], num_classes=len(manifest["classes"]))
-    compile_model(model, params["train"]["learning_rate"])
+    model = build_compiled(params, len(manifest["classes"]), strategy)
     fingerprint = checkpoint.fingerprint(params, manifest["digest"])
-    resume = checkpoint.load(ckpt_dir, fingerprint)
-    if resume:
-        checkpoint.restore(model, resume, ckpt_dir)
-        print(f"Resuming after epoch {resume['epoch']} from {ckpt_dir}")
+    resume = _resume(model, strategy, ckpt_dir, fingerprint, chief)
     device = device_name()
-    print(f"Training on {device}: {model.count_params():,} parameters, "
-          f"{len(splits['train'][0])} train / {len(splits['dev'][0])} dev images")
+    print(f"Training on {device} ({strategy.num_replicas_in_sync} replica(s)): {model.count_params():,} "
+          f"parameters, {len(splits['train'][0])} train / {len(splits['dev'][0])} dev images")
     # 4. Fit inside one MLflow run (the same run when resuming); a crash or Ctrl-C ends it FAILED / KILLED.
     resume_run = resume["mlflow_run_id"] if resume else None
+    tags = {**(tags or {}), "replicas": str(strategy.num_replicas_in_sync),
+            "op_determinism": str(not cfg["jit_compile"]).lower()}
     with tracker.training_run(params, manifest, model, device, resume_run, tags) as run:
         if resume:
             run.log_missing_epochs(resume["history"])
-        history, early = fit(model, splits, params, run, resume, ckpt_dir, fingerprint)
+        history, early = fit(model, splits, params, run, resume, ckpt_dir, fingerprint, write=chief)
         # 5. Log the end of training, then save everything atomically: a killed process or a failed
-        #    upload never leaves a model on disk that looks finished.
+        #    upload never leaves a model on disk that looks finished. Only the chief writes files; the
+        #    other workers trained the same weights.
         trained = inference_copy(model)
-        write_history(history, reports_dir)
+        if chief:
+            write_history(history, reports_dir)
         summary = {
             **early,
             "epochs_run": len(history),
@@ -203,9 +266,11 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
             "mlflow_run_id": run.run_id,
         }
         run.log_training_end(summary, trained, reports_dir)
-        atomic_write(model_path, lambda tmp: trained.save(tmp))
-    write_json(reports_dir / "train.json", summary)
-    checkpoint.clear(ckpt_dir)
+        if chief:
+            atomic_write(model_path, lambda tmp: trained.save(tmp))
+    if chief:
+        write_json(reports_dir / "train.json", summary)
+        checkpoint.clear(ckpt_dir)
     return summary
 
 
@@ -213,6 +278,8 @@ def main(params: dict) -> dict:
     """Entry point of `imgclf train` (the DVC train stage)."""
     summary = train(params)
     stop = f"early-stopped at epoch {summary['stopped_epoch']}" if summary["early_stopped"] else "ran every epoch"
+    run_id = summary["mlflow_run_id"]
+    outputs = f"model -> {MODEL_PATH}; MLflow run {run_id}" if run_id else "not the chief worker: wrote nothing"
     print(f"Trained {summary['epochs_run']} epochs ({stop}, best epoch {summary['best_epoch']}) in "
-          f"{summary['train_seconds']:.0f} s; model -> {MODEL_PATH}; MLflow run {summary['mlflow_run_id']}")
+          f"{summary['train_seconds']:.0f} s; {outputs}")
     return summary

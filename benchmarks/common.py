@@ -1,0 +1,51 @@
+"""What the benchmarks share: one measurement per fresh process, and the verdict on a target."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """A quiet TensorFlow and the package importable without installing it."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src")}
+
+
+def measure_child(script: str, args: list[str]) -> dict:
+    """Run `python script --child ARGS` in a fresh process and return the JSON on its last stdout line."""
+    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, env=child_env())
+    if proc.returncode != 0:
+        raise SystemExit(f"{script} --child {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def verdict(ratio: float, target: float, higher_is_better: bool = True) -> str:
+    """'met (target >= 0.95)' or 'MISSED (...)': how every benchmark prints its ratios."""
+    met = ratio >= target if higher_is_better else ratio <= target
+    return f"{'met' if met else 'MISSED'} (target {'>=' if higher_is_better else '<='} {target:g})"
+
+
+def own_peak_rss() -> int:
+    """This process's peak resident memory in bytes, for a child to report (Linux counts KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def epoch_timer(times: list[float]):
+    """A Keras callback appending each epoch's wall time to `times` (Keras is imported only by those who time)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    return EpochTimer()

@@ -1,0 +1,126 @@
+"""Training on one device, every local GPU, or several machines, with TensorFlow's own tf.distribute.
+
+`train.distribute` in params.yaml picks the strategy. `train.batch_size` is the *global* batch:
+tf.distribute splits each batch across the replicas and Keras divides the cross-entropy and the
+L2 term by the number of replicas before the gradients are summed, so the update equals the
+single-device one. Under `multi_worker` every worker runs the same `imgclf train`, but only the
+chief writes outputs and logs to MLflow: the others get a NullTracker and write nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Iterator
+
+from imgclf.config import STRATEGIES
+from imgclf.io import ImgclfError
+
+
+def make_strategy(name: str):
+    """The tf.distribute strategy `train.distribute` names.
+
+    none: TensorFlow's default (one device, a GPU when there is one). mirrored: every local GPU,
+    else every logical CPU (one, unless a test splits the CPU). multi_worker: the cluster in
+    TF_CONFIG; it must be created before any other TensorFlow op runs, so train() calls this first.
+    """
+    import tensorflow as tf
+
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi_worker":
+        _check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ImgclfError(f"train.distribute={name!r}: unknown; use one of {', '.join(STRATEGIES)}")
+
+
+def _check_tf_config() -> None:
+    """One clear line instead of TensorFlow's silent fallback to a one-worker 'cluster'."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "null")
+        ok = bool(config["cluster"]) and "type" in config["task"] and "index" in config["task"]
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise ImgclfError(
+            "train.distribute=multi_worker needs TF_CONFIG, e.g. "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}, '
+            "set differently on each worker; or use train.distribute=none|mirrored"
+        )
+
+
+def is_chief(strategy) -> bool:
+    """True for the one process that writes outputs: always, except on non-chief multi-workers."""
+    return bool(strategy.extended.should_checkpoint)
+
+
+def check_same_start(strategy, first_epoch: int) -> None:
+    """Every worker must start at the same epoch, or the collectives would wait for each other forever.
+
+    A worker that cannot see the chief's checkpoint (no shared folder) would start from epoch 0
+    while the chief resumes; this all-reduce turns that hang into one clear error on every worker.
+    """
+    import tensorflow as tf
+
+    if strategy.num_replicas_in_sync == 1:
+        return
+    epochs = strategy.gather(strategy.run(lambda: tf.constant([first_epoch])), axis=0).numpy()
+    low, high = int(epochs.min()), int(epochs.max())
+    if low != high:
+        raise ImgclfError(
+            f"the workers would start at different epochs ({low} and {high}): models/checkpoint must "
+            "be the chief's on every worker (a shared folder); delete it on every worker to start afresh"
+        )
+
+
+def patch_keras_for_multi_worker(model, x, y) -> None:
+    """Work around Keras 3 failing every fit() under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+
+    Two steps of Keras' TF trainer cannot run under the collective strategy: (1) before building its
+    metrics, fit() mean-reduces the first *distributed* batch as one tuple ("Attempt to convert a value
+    (PerReplica...)"); (2) each step's scalar logs are mean-reduced along axis 0 ("Invalid reduction
+    dimension 0 for input with 0 dimensions"). So: build loss, metrics and optimizer from one local
+    batch in the strategy's scope (what step 1 is for) and skip step 1; give the logs one axis. Only
+    this model instance is changed, and only under multi_worker.
+    """
+    import tensorflow as tf
+
+    strategy = model.distribute_strategy
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    with strategy.scope():
+        model._symbolic_build(data_batch=(tf.cast(x[:1], tf.float32), tf.constant(y[:1])))
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    keras_train_step = model.train_step
+    model.train_step = lambda data: {k: tf.reshape(v, [1]) for k, v in keras_train_step(data).items()}
+
+
+class NullRun:
+    """The TrainingRun of a non-chief worker: the same calls, nothing logged, nothing written."""
+
+    run_id = None
+
+    def log_missing_epochs(self, history: list[dict]) -> None:
+        """Nothing to re-log: the chief logs every epoch."""
+
+    def epoch_callback(self):
+        """A callback that does nothing (the chief's EpochLogger logs the epoch)."""
+        import keras
+
+        return keras.callbacks.Callback()
+
+    def log_training_end(self, summary: dict, model, reports_dir) -> None:
+        """The chief logs the model and reports."""
+
+
+class NullTracker:
+    """tracking.Tracker for non-chief workers: never connects to MLflow, never creates a store."""
+
+    @contextlib.contextmanager
+    def training_run(self, *args, **kwargs) -> Iterator[NullRun]:
+        """Same signature as Tracker.training_run; yields a NullRun."""
+        yield NullRun()
