@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell starts background jobs with SIGINT ignored and Python keeps that; a training run must
+    # still end its MLflow run KILLED and keep its checkpoint when someone sends it SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args) or 0
     except ImgclfError as exc:
