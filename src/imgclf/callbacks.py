@@ -12,6 +12,11 @@ from imgclf.io import ImgclfError
 from imgclf.metrics import f1_macro, softmax_cross_entropy
 
 
+# What these callbacks add to Keras' per-epoch logs, in the order history.csv and MLflow show them.
+EPOCH_METRICS = ("loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
+                 "early_stopping_wait", "epoch_seconds")
+
+
 class NonFiniteLossError(ImgclfError):
     """Training produced a NaN/Inf loss; no model is written."""
 

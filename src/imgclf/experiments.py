@@ -171,8 +171,7 @@ def main(params: dict, variants: list[str], seeds: list[int] | None, user_overri
         write_table(experiment, variants or None, seeds)
         return 0
     seeds = seeds or [params["seed"]]
-    # Create the store and the experiment once, here: parallel workers racing to create a fresh
-    # sqlite store (its schema migrations) or the same experiment fail.
+    # Fail fast on an unreachable store before queueing anything, and create the experiment once.
     Tracker.connect(params["tracking"])
     code = run_queue(chosen, seeds, user_overrides, jobs)
     rows = write_table(experiment, chosen, seeds)

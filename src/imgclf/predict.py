@@ -15,14 +15,14 @@ def load_run_model(run_id: str):
     """The Keras model logged on an MLflow run, and the class names from its data manifest."""
     import mlflow
 
-    from imgclf.tracking import TrackingError, configure
+    from imgclf.tracking import configure, run_failure
 
     configure()
     try:
         model = mlflow.keras.load_model(f"runs:/{run_id}/model")
         manifest = mlflow.artifacts.load_dict(f"runs:/{run_id}/data/manifest.json")
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; check the run id in `mlflow ui`") from None
+        raise run_failure(run_id, exc, "check the run id in `mlflow ui`") from None
     return model, manifest["classes"]
 
 

@@ -18,13 +18,13 @@ def fetch_run(client, run_id: str):
     """The MLflow run and the params.yaml it logged; a bad id is a one-line error."""
     import mlflow
 
-    from imgclf.tracking import TrackingError
+    from imgclf.tracking import TrackingError, run_failure
 
     try:
         run = client.get_run(run_id)
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/params.yaml")
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; check the id in `mlflow ui`") from None
+        raise run_failure(run_id, exc, "check the id in `mlflow ui`") from None
     for tag in ("weights_sha256", "data_digest"):
         if tag not in run.data.tags:
             raise TrackingError(f"MLflow run {run_id} has no {tag} tag: it did not finish training; pick another run")

@@ -32,6 +32,7 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_TIMEOUT,
 )
 
+from imgclf.callbacks import EPOCH_METRICS
 from imgclf.config import flatten
 from imgclf.io import ImgclfError
 
@@ -114,6 +115,13 @@ def store_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_failure(run_id: str, exc: BaseException, fix: str) -> TrackingError:
+    """One line for a run id MLflow refused: the store's failure when it is unreachable, else its reason."""
+    if unreachable(exc):
+        return store_failure(exc, fix)
+    return TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; {fix}")
 
 
 def store_failure(exc: BaseException, then: str) -> TrackingError:
@@ -260,9 +268,8 @@ class Tracker:
         try:
             mlflow.start_run(run_id=run_id)
         except mlflow.exceptions.MlflowException as exc:
-            if unreachable(exc):
-                raise store_failure(exc, "rerun the evaluate stage") from None
-            raise TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; rerun the train stage") from None
+            fix = "rerun the evaluate stage" if unreachable(exc) else "rerun the train stage"
+            raise run_failure(run_id, exc, fix) from None
         with _ends_active_run("rerun the evaluate stage"):
             yield run_id
 
@@ -331,12 +338,9 @@ def _prepared_dataset(manifest: dict):
 class EpochLogger(keras.callbacks.Callback):
     """Logs each epoch's loss, loss_sum, dev metrics, early-stopping wait and time at step = epoch."""
 
-    KEYS = ("loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
-            "early_stopping_wait", "epoch_seconds")
-
-    @classmethod
-    def log(cls, logs: dict, step: int) -> None:
-        mlflow.log_metrics({k: float(logs[k]) for k in cls.KEYS if k in logs}, step=step)
+    @staticmethod
+    def log(logs: dict, step: int) -> None:
+        mlflow.log_metrics({k: float(logs[k]) for k in EPOCH_METRICS if k in logs}, step=step)
 
     def on_epoch_end(self, epoch, logs=None):
         self.log(logs, epoch + 1)

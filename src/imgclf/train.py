@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io as _io
 import math
 import os
@@ -15,15 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import checkpoint, distribute, tracking
+from imgclf.callbacks import EPOCH_METRICS
 from imgclf.data import PREPARED_DIR, load_prepared
-from imgclf.io import atomic_write, sha256_bytes, write_json
+from imgclf.io import atomic_write, write_json
 
 MODEL_PATH = "models/model.keras"
 REPORTS_DIR = "reports"
-HISTORY_COLUMNS = (
-    "epoch", "loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
-    "early_stopping_wait", "epoch_seconds",
-)
+HISTORY_COLUMNS = ("epoch", *EPOCH_METRICS)
 
 
 def seed_everything(seed: int, jit_compile: bool = False) -> None:
@@ -126,10 +125,10 @@ def inference_copy(model):
 
 def weights_sha256(model) -> str:
     """sha256 over every weight array in order: equal hashes mean bit-identical models."""
-    digest = _io.BytesIO()
+    digest = hashlib.sha256()
     for w in model.get_weights():
-        digest.write(np.ascontiguousarray(w).tobytes())
-    return sha256_bytes(digest.getvalue())
+        digest.update(np.ascontiguousarray(w))
+    return digest.hexdigest()
 
 
 def write_history(history: list[dict], reports_dir: Path) -> Path:
