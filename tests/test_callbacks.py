@@ -116,3 +116,21 @@ def test_early_stop_logger_val_loss_restores_best_weights():
 def test_non_finite_loss_raises_a_clear_error(bad):
     with pytest.raises(NonFiniteLossError, match="lower train.learning_rate"):
         StopOnNonFiniteLoss().on_train_batch_end(0, {"loss": bad})
+
+
+def test_a_swallowed_interrupt_still_stops_training_at_the_next_batch():
+    import signal
+
+    from imgclf import io
+    from imgclf.io import Interrupted, on_interrupt_signal
+
+    try:
+        try:
+            on_interrupt_signal(signal.SIGTERM, None)
+        except Interrupted:
+            pass  # what a finalizer or a broad `except` in a library would do
+        with pytest.raises(Interrupted):
+            StopOnNonFiniteLoss().on_train_batch_end(0, {"loss": 1.0})
+    finally:
+        io._signalled.clear()
+    StopOnNonFiniteLoss().on_train_batch_end(0, {"loss": 1.0})  # no signal: nothing raised

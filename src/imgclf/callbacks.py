@@ -8,7 +8,7 @@ import time
 import keras
 import numpy as np
 
-from imgclf.io import ImgclfError
+from imgclf.io import ImgclfError, raise_if_interrupted
 from imgclf.metrics import f1_macro, softmax_cross_entropy
 
 
@@ -101,9 +101,11 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops at the first NaN/Inf batch loss with a clear error (Keras' TerminateOnNaN stops silently)."""
+    """Stops at the first NaN/Inf batch loss with a clear error (Keras' TerminateOnNaN stops silently),
+    and at the first batch after a SIGINT/SIGTERM whose exception something swallowed."""
 
     def on_train_batch_end(self, batch, logs=None):
+        raise_if_interrupted()
         loss = float(logs["loss"])
         if not math.isfinite(loss):
             raise NonFiniteLossError(

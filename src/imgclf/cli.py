@@ -12,12 +12,6 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so runs end KILLED and temp files are cleaned up."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
 
 
 def _params(args) -> dict:
@@ -104,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; user errors print one line and exit 2, interrupts exit 130."""
-    from imgclf.io import ImgclfError
+    from imgclf.io import ImgclfError, on_interrupt_signal
 
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    # A shell starts background jobs with SIGINT ignored and Python keeps that; a training run must
-    # still end its MLflow run KILLED and keep its checkpoint when someone sends it SIGINT.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored and Python keeps that, yet a
+    # training run must still end its MLflow run KILLED and keep its checkpoint when sent SIGINT.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_interrupt_signal)
     try:
         return args.func(args) or 0
     except ImgclfError as exc:

@@ -17,6 +17,29 @@ class ImgclfError(Exception):
     """A user-facing error: the CLI prints its one-line message and exits 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: raised like Ctrl-C so runs end KILLED and temp files are cleaned up."""
+
+
+_signalled: list[int] = []
+
+
+def on_interrupt_signal(signum, frame) -> None:
+    """Signal handler for SIGINT/SIGTERM: remember the signal, then raise.
+
+    The handler runs wherever the main thread happens to be; if that is a finalizer or a library's
+    broad `except`, the exception is swallowed. The remembered signal lets `raise_if_interrupted`,
+    called between training batches, raise it again.
+    """
+    _signalled.append(signum)
+    raise Interrupted()
+
+
+def raise_if_interrupted() -> None:
+    if _signalled:
+        raise Interrupted()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` then rename tmp over `path`, so readers never see a partial file.
 
