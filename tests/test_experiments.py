@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import subprocess
 
-import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run, set_args
+from conftest import REPO, TINY, finished_runs, pipeline_env, run, set_args, wait_until, write_params
 from imgclf.config import apply_overrides, validate
 from imgclf.experiments import PRESETS
 from imgclf.model import build_model
@@ -57,17 +60,47 @@ def test_every_variant_runs_through_the_dvc_queue_into_the_repo_store(repo_copy)
         assert " | 51 | " in row and row.endswith(f"| {' / '.join(f'{f:.3f}' for f in preset.report_f1)} |")
     assert (repo_copy / "reports/experiments.png").read_bytes()[:4] == b"\x89PNG"
 
-    # Queued runs happen in .dvc/tmp/exps copies, yet land in the repo's own default store.
+    # Queued runs happen in .dvc/tmp/exps copies, yet land in the repo's own default store, two at a
+    # time (--jobs 2) without a lost or half-logged run.
     assert not list((repo_copy / ".dvc").rglob("mlflow.db"))
-    mlflow.set_tracking_uri(f"sqlite:///{repo_copy / 'mlflow.db'}")
-    exp = MlflowClient().get_experiment_by_name("imgclf")
-    runs = MlflowClient().search_runs([exp.experiment_id])
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    runs = finished_runs(f"sqlite:///{repo_copy / 'mlflow.db'}", "imgclf")
     assert sorted(r.data.tags["variant"] for r in runs) == sorted(PRESETS)
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.metrics["epochs_run"] == 1
+        assert 0 <= r.data.metrics["dev_f1_macro"] <= 1
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1]
+    assert any(b.info.start_time < a.info.end_time for a, b in zip(runs, runs[1:])), "no two experiments overlapped"
     shallow = next(r for r in runs if r.data.tags["variant"] == "shallow")
     assert shallow.data.params["model.kernel_size"] == "[5, 16]" and shallow.data.params["train.training_epochs"] == "1"
 
     again = run(["imgclf", "experiments", "--table"], repo_copy)
     assert table in again.stdout and "Queued" not in again.stdout
+
+
+@pytest.mark.e2e
+def test_a_killed_queue_worker_is_reported_and_replaced_instead_of_waited_on(repo_copy):
+    """`dvc exp run --run-all` waits forever here (treeverse/dvc#10398); ours restarts the workers."""
+    write_params(repo_copy, TINY | {"train.training_epochs": "1"})
+    run(["git", "commit", "-qam", "tiny"], repo_copy)
+    proc = subprocess.Popen(["imgclf", "experiments", "--variants", "shallow", "--seeds", "1", "2"], cwd=repo_copy,
+                            env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = wait_until(lambda: next((repo_copy / ".dvc/tmp/exps/run").glob("*/*.json"), None), 300,
+                             "the first experiment to start")
+        workers = (repo_copy / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json")
+        for info in [*workers, started]:  # the worker, and the experiment's `dvc exp exec-run` under it
+            os.kill(json.loads(info.read_text())["pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    assert "[shallow seed 1] lost (DVC experiment" in out
+    assert "no DVC queue worker is alive and 1 experiment(s) wait; starting workers again" in out
+    assert "[shallow seed 2] success (DVC experiment" in out
+    assert "imgclf experiments: shallow seed 1: lost (" in err
+    row = next(line for line in (repo_copy / "reports/experiments.md").read_text().splitlines() if "| shallow |" in line)
+    assert "| 2 |" in row or "| 1, 2 |" in row  # seed 2's run, and seed 1's if its orphaned training still finished
 
 
 def test_unknown_variant_is_refused(tmp_path):

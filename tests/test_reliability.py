@@ -1,5 +1,6 @@
-"""Crashes and failing neighbours: kill -9 inside `dvc repro`, a tracking server dying mid-training, two
-queued experiments sharing the default sqlite store. Real DVC, MLflow and TensorFlow processes only."""
+"""Crashes and failing neighbours: kill -9 inside `dvc repro`, a tracking server dying mid-training. Real DVC,
+MLflow and TensorFlow processes only. (Queued experiments sharing the default sqlite store, and a queue worker
+killed mid-run: tests/test_experiments.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
 )
-from mlflow.tracking import MlflowClient
 
 from conftest import TINY, UNTIL_INTERRUPTED, MlflowServer, error_line, finished_runs, pipeline_env, run, set_args
 from conftest import wait_for_metric, wait_until, write_params
@@ -98,26 +98,3 @@ def test_tracking_server_dying_mid_training_fails_fast_in_one_line(repo_copy, tm
     state = json.loads((repo_copy / "models/checkpoint/state.json").read_text())
     assert state["epoch"] >= 1 and state["mlflow_run_id"] == run_id
     assert (repo_copy / "models/checkpoint" / state["weights"]).is_file()
-
-
-def test_two_queued_experiments_share_the_default_sqlite_store(repo_copy):
-    write_params(repo_copy, TINY | {"train.training_epochs": "1"})
-    run(["git", "commit", "-qam", "tiny"], repo_copy)
-    rates = ["0.001", "0.0005"]
-    for rate in rates:
-        run(["dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}"], repo_copy)
-    run(["dvc", "exp", "run", "--run-all", "-j", "2"], repo_copy)  # exits 0 even when an experiment failed:
-    queue = run(["dvc", "queue", "status"], repo_copy).stdout
-    failed = [line.split()[1] for line in queue.splitlines() if line.endswith("Failed")]
-    logs = [run(["dvc", "queue", "logs", name], repo_copy, check=False).stdout[-3000:] for name in failed]
-    assert queue.count("Success") == 2, "\n".join([queue, *logs])
-
-    runs = finished_runs(f"sqlite:///{repo_copy / 'mlflow.db'}", "imgclf")
-    assert sorted(r.data.params["train.learning_rate"] for r in runs) == sorted(rates)
-    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
-    for r in runs:
-        assert r.info.status == "FINISHED" and r.data.metrics["epochs_run"] == 1
-        assert 0 <= r.data.metrics["dev_f1_macro"] <= 1
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1]
-    first, second = runs
-    assert second.info.start_time < first.info.end_time, "the two experiments did not overlap"

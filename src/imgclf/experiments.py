@@ -7,13 +7,12 @@ ambiguous, the choice is written next to the preset.
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgclf import exp_queue
 from imgclf.io import ImgclfError, atomic_write
 from imgclf.tracking import Tracker
 
@@ -53,28 +52,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def dvc_command() -> str:
-    """The dvc next to this Python (the project's .venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "dvc"
-    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
-
-
 def queue_args(variant: str, seed: int, user_overrides: list[str]) -> list[str]:
     """`dvc exp run --queue` arguments for one (variant, seed); the user's -S come last and win."""
     sets = {"seed": str(seed), "tracking.variant": variant, **PRESETS[variant].overrides}
-    args = [dvc_command(), "exp", "run", "--queue"]
+    args = [exp_queue.dvc_command(), "exp", "run", "--queue"]
     for item in [f"{k}={v}" for k, v in sets.items()] + list(user_overrides):
         args += ["-S", item]
     return args
-
-
-def run_queue(variants: list[str], seeds: list[int], user_overrides: list[str], jobs: int) -> int:
-    """Queue one DVC experiment per (variant, seed) and run the queue; returns dvc's exit code."""
-    for variant in variants:
-        for seed in seeds:
-            subprocess.run(queue_args(variant, seed, user_overrides), check=True, stdout=subprocess.DEVNULL)
-    print(f"Queued {len(variants) * len(seeds)} experiments; running them with {jobs} worker(s)", flush=True)
-    return subprocess.run([dvc_command(), "exp", "run", "--run-all", "--jobs", str(jobs)]).returncode
 
 
 def latest_runs(experiment: str, variants: list[str] | None, seeds: list[int] | None) -> dict[str, list]:
@@ -173,11 +157,12 @@ def main(params: dict, variants: list[str], seeds: list[int] | None, user_overri
     seeds = seeds or [params["seed"]]
     # Fail fast on an unreachable store before queueing anything, and create the experiment once.
     Tracker.connect(params["tracking"])
-    code = run_queue(chosen, seeds, user_overrides, jobs)
+    grid = [exp_queue.Job(f"{v} seed {s}", queue_args(v, s, user_overrides)) for v in chosen for s in seeds]
+    failed = exp_queue.run(Path.cwd(), grid, jobs)
     rows = write_table(experiment, chosen, seeds)
     missing = [v for v in chosen if v not in {r["variant"] for r in rows}]
-    if code or missing:
-        print(f"imgclf experiments: some experiments failed (dvc exit {code}); no runs for: "
-              f"{', '.join(missing) or 'none'}; see `dvc queue status` / `dvc queue logs`", file=sys.stderr)
+    if failed or missing:
+        print("imgclf experiments: " + "; ".join(f"{j.label}: {j.status.lower()} ({j.name})" for j in failed)
+              + f"; no MLflow runs for: {', '.join(missing) or 'none'}; see `dvc queue logs NAME`", file=sys.stderr)
         return 1
     return 0

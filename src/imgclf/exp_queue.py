@@ -1,0 +1,202 @@
+"""DVC's experiment queue, started and watched by us instead of by `dvc exp run --run-all`.
+
+`--run-all` waits for each queued task to start, then to finish, with no timeout. A task that fails
+inside DVC's own setup (before its pipeline runs) or a queue worker that dies leaves it waiting
+forever (treeverse/dvc#10398 and #10428, both open); it hung our CI for 15 minutes. Here the
+workers come from `dvc queue start` and the queue is read through DVC's own status every few
+seconds: each experiment's log is streamed under its label, an experiment that failed in DVC's
+setup is queued once more, dead workers are restarted, and nothing is waited on forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf.io import ImgclfError
+
+POLL_SECONDS = 2.0      # how often DVC's queue status is read
+GRACE_SECONDS = 15.0    # how long "work left but no live worker" may last before we restart or give up
+COLLECT_SECONDS = 120.0  # an experiment ended this long ago and DVC still says Running: lost
+WORKER_RESTARTS = 3     # `dvc queue start`s allowed after the first one, when all workers died with work left
+SETUP_RETRIES = 1       # re-queues of an experiment that failed before its pipeline started
+
+
+@dataclass
+class Job:
+    """One experiment: its label, its `dvc exp run --queue` command, and what we know of it so far."""
+
+    label: str
+    args: list[str]
+    name: str = ""                   # DVC's experiment name, from `dvc exp run --queue`
+    rev: str = ""                    # DVC's stash rev, once the queue lists it
+    status: str = "Queued"           # DVC's Queued / Running / Success / Failed, or our Lost
+    retries: int = 0
+    log_offset: int = 0              # bytes of the experiment's log already printed
+    ended_at: float | None = None    # when its process was first seen ended while DVC said Running
+
+
+def dvc_command() -> str:
+    """The dvc next to this Python (the project's .venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    return ((proc.stderr or "").strip().splitlines() or (proc.stdout or "").strip().splitlines() or ["no output"])[-1]
+
+
+def enqueue(root: Path, job: Job) -> None:
+    """`dvc exp run --queue ...`; remembers the name DVC gives the experiment."""
+    proc = subprocess.run(job.args, cwd=root, capture_output=True, text=True)
+    found = re.search(r"Queued experiment '([^']+)'", proc.stdout)
+    if proc.returncode or not found:
+        raise ImgclfError(f"dvc could not queue {job.label}: {last_line(proc)}; see `dvc queue status`")
+    job.name, job.rev, job.status, job.log_offset, job.ended_at = found.group(1), "", "Queued", 0, None
+
+
+def start_workers(root: Path, count: int) -> None:
+    """`dvc queue start`, tried twice: its own worker inspection can trip over a half-written broker file."""
+    for _ in range(2):
+        proc = subprocess.run([dvc_command(), "queue", "start", "--jobs", str(count)], cwd=root,
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        time.sleep(1)
+    raise ImgclfError(f"`dvc queue start` failed: {last_line(proc)}; see `dvc queue status`")
+
+
+def queue_status(root: Path) -> dict[str, tuple[str, str]] | None:
+    """{experiment name: (DVC status, stash rev)} as `dvc queue status` lists them, without its worker
+    inspection; None when the queue could not be read this time (a worker was rewriting it)."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            return {e["name"]: (e["status"], e["rev"]) for e in repo.experiments.celery_queue.status()}
+    except Exception as exc:  # noqa: BLE001 - retried at the next poll, bounded by the caller
+        print(f"could not read DVC's queue this time ({type(exc).__name__}: {exc}); retrying", file=sys.stderr)
+        return None
+
+
+def process_state(info_file: Path) -> str | None:
+    """A dvc-task process from its info file: None (no file yet), "running", "ended" (its exit code is
+    recorded) or "died" (gone with no exit code: whatever was waiting on it, a queue worker, died too)."""
+    try:
+        info = json.loads(info_file.read_text())
+    except (OSError, ValueError):  # absent, or being rewritten this instant
+        return None
+    if info.get("returncode") is not None:
+        return "ended"
+    return "running" if pid_running(int(info["pid"])) else "died"
+
+
+def pid_running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie that nobody reaped counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): trust kill(0)
+        return True
+
+
+def workers_alive(root: Path) -> bool:
+    return any(process_state(f) == "running" for f in (root / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json"))
+
+
+def run_dir(root: Path, job: Job) -> Path:
+    return root / ".dvc/tmp/exps/run" / job.rev
+
+
+def stream_log(root: Path, job: Job, final: bool = False) -> None:
+    """Print the experiment's new complete log lines (all of it when `final`), each under its label."""
+    log = run_dir(root, job) / f"{job.rev}.out"
+    if not job.rev or not log.is_file():
+        return
+    with log.open("rb") as fh:
+        fh.seek(job.log_offset)
+        chunk = fh.read()
+    end = len(chunk) if final else chunk.rfind(b"\n") + 1
+    for line in chunk[:end].decode(errors="replace").splitlines():
+        print(f"[{job.label}] {line}")
+    sys.stdout.flush()
+    job.log_offset += end
+
+
+def update(root: Path, job: Job, state: tuple[str, str] | None, now: float) -> None:
+    """Move one unfinished job along from DVC's view of it."""
+    status, job.rev = state or (job.status, job.rev)
+    stream_log(root, job, final=status in ("Success", "Failed"))
+    if status == "Failed" and not (run_dir(root, job) / f"{job.rev}.out").exists() and job.retries < SETUP_RETRIES:
+        print(f"[{job.label}] failed in DVC's setup, before its pipeline ran; queueing it again", flush=True)
+        job.retries += 1
+        enqueue(root, job)
+        return
+    state_now = process_state(run_dir(root, job) / f"{job.rev}.json") if status == "Running" else None
+    if state_now in ("ended", "died"):
+        job.ended_at = job.ended_at or now
+        # "ended": DVC is collecting the results. "died": the worker waiting on it died, so nobody will.
+        if now - job.ended_at > (COLLECT_SECONDS if state_now == "ended" else GRACE_SECONDS):
+            status = "Lost"
+    if status != job.status and status in ("Success", "Failed", "Lost"):
+        print(f"[{job.label}] {status.lower()} (DVC experiment {job.name})", flush=True)
+    job.status = status
+
+
+def watch(root: Path, jobs: list[Job], workers: int) -> list[Job]:
+    """Run the queue until every job succeeded, failed or was lost; returns those that did not succeed."""
+    start_workers(root, workers)
+    restarts, no_worker_since, unreadable = 0, None, 0
+    while unfinished := [j for j in jobs if j.status in ("Queued", "Running")]:
+        time.sleep(POLL_SECONDS)
+        states, now = queue_status(root), time.monotonic()
+        unreadable = 0 if states is not None else unreadable + 1
+        if states is None:
+            if unreadable * POLL_SECONDS > COLLECT_SECONDS:
+                raise ImgclfError("DVC's experiment queue stayed unreadable; see `dvc queue status`")
+            continue
+        for job in unfinished:
+            update(root, job, states.get(job.name), now)
+        if workers_alive(root) or not any(j.status in ("Queued", "Running") for j in jobs):
+            no_worker_since = None
+            continue
+        no_worker_since = no_worker_since or now
+        if now - no_worker_since < GRACE_SECONDS:
+            continue
+        waiting = [j for j in jobs if j.status == "Queued"]
+        if waiting and restarts < WORKER_RESTARTS:
+            print(f"no DVC queue worker is alive and {len(waiting)} experiment(s) wait; starting workers again",
+                  flush=True)
+            restarts, no_worker_since = restarts + 1, None
+            start_workers(root, workers)
+            continue
+        for job in jobs:
+            if job.status in ("Queued", "Running"):
+                print(f"[{job.label}] lost: no DVC queue worker is left to run it", flush=True)
+                job.status = "Lost"
+    return [j for j in jobs if j.status != "Success"]
+
+
+def run(root: Path, jobs: list[Job], workers: int) -> list[Job]:
+    """Queue every job, run them with `workers` DVC queue workers; returns the jobs that did not succeed."""
+    for job in jobs:
+        enqueue(root, job)
+    print(f"Queued {len(jobs)} experiments; running them with {workers} worker(s)", flush=True)
+    try:
+        return watch(root, jobs, workers)
+    except KeyboardInterrupt:
+        print("imgclf experiments: stopped watching; queued experiments go on in the background: "
+              "`dvc queue status`, `dvc queue kill`", file=sys.stderr)
+        raise
