@@ -78,6 +78,17 @@ def test_every_variant_runs_through_the_dvc_queue_into_the_repo_store(repo_copy)
     assert table in again.stdout and "Queued" not in again.stdout
 
 
+def pids(folder, pattern: str) -> list[int]:
+    """The pids in dvc-task's process info files (skipping one still being written)."""
+    found = []
+    for info in folder.glob(pattern):
+        try:
+            found.append(json.loads(info.read_text())["pid"])
+        except ValueError:
+            pass
+    return found
+
+
 @pytest.mark.e2e
 def test_a_killed_queue_worker_is_reported_and_replaced_instead_of_waited_on(repo_copy):
     """`dvc exp run --run-all` waits forever here (treeverse/dvc#10398); ours restarts the workers."""
@@ -86,11 +97,11 @@ def test_a_killed_queue_worker_is_reported_and_replaced_instead_of_waited_on(rep
     proc = subprocess.Popen(["imgclf", "experiments", "--variants", "shallow", "--seeds", "1", "2"], cwd=repo_copy,
                             env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        started = wait_until(lambda: next((repo_copy / ".dvc/tmp/exps/run").glob("*/*.json"), None), 300,
+        started = wait_until(lambda: pids(repo_copy / ".dvc/tmp/exps/run", "*/*.json"), 300,
                              "the first experiment to start")
-        workers = (repo_copy / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json")
-        for info in [*workers, started]:  # the worker, and the experiment's `dvc exp exec-run` under it
-            os.kill(json.loads(info.read_text())["pid"], signal.SIGKILL)
+        # the worker, and the experiment's `dvc exp exec-run` under it
+        for pid in pids(repo_copy / ".dvc/tmp/exps/celery", "dvc-exp-worker-*.json") + started:
+            os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=400)
     finally:
         proc.kill()
