@@ -25,6 +25,7 @@ from imgclf.io import ImgclfError
 POLL_SECONDS = 2.0      # how often DVC's queue status is read
 GRACE_SECONDS = 15.0    # how long "work left but no live worker" may last before we restart or give up
 COLLECT_SECONDS = 120.0  # an experiment ended this long ago and DVC still says Running: lost
+UNREADABLE_SECONDS = 120.0  # how long DVC's queue may stay unreadable (polls x POLL_SECONDS) before we give up
 WORKER_RESTARTS = 3     # `dvc queue start`s allowed after the first one, when all workers died with work left
 SETUP_RETRIES = 1       # re-queues of an experiment that failed before its pipeline started
 
@@ -41,6 +42,10 @@ class Job:
     retries: int = 0
     log_offset: int = 0              # bytes of the experiment's log already printed
     ended_at: float | None = None    # when its process was first seen ended while DVC said Running
+
+    @property
+    def unfinished(self) -> bool:
+        return self.status in ("Queued", "Running")
 
 
 def dvc_command() -> str:
@@ -116,13 +121,14 @@ def workers_alive(root: Path) -> bool:
     return any(process_state(f) == "running" for f in (root / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json"))
 
 
-def run_dir(root: Path, job: Job) -> Path:
-    return root / ".dvc/tmp/exps/run" / job.rev
+def run_file(root: Path, job: Job, suffix: str) -> Path:
+    """A file dvc-task keeps for the experiment's process: `.out` (its log) or `.json` (its process info)."""
+    return root / ".dvc/tmp/exps/run" / job.rev / f"{job.rev}{suffix}"
 
 
 def stream_log(root: Path, job: Job, final: bool = False) -> None:
     """Print the experiment's new complete log lines (all of it when `final`), each under its label."""
-    log = run_dir(root, job) / f"{job.rev}.out"
+    log = run_file(root, job, ".out")
     if not job.rev or not log.is_file():
         return
     with log.open("rb") as fh:
@@ -139,12 +145,12 @@ def update(root: Path, job: Job, state: tuple[str, str] | None, now: float) -> N
     """Move one unfinished job along from DVC's view of it."""
     status, job.rev = state or (job.status, job.rev)
     stream_log(root, job, final=status in ("Success", "Failed"))
-    if status == "Failed" and not (run_dir(root, job) / f"{job.rev}.out").exists() and job.retries < SETUP_RETRIES:
+    if status == "Failed" and not run_file(root, job, ".out").exists() and job.retries < SETUP_RETRIES:
         print(f"[{job.label}] failed in DVC's setup, before its pipeline ran; queueing it again", flush=True)
         job.retries += 1
         enqueue(root, job)
         return
-    state_now = process_state(run_dir(root, job) / f"{job.rev}.json") if status == "Running" else None
+    state_now = process_state(run_file(root, job, ".json")) if status == "Running" else None
     if state_now in ("ended", "died"):
         job.ended_at = job.ended_at or now
         # "ended": DVC is collecting the results. "died": the worker waiting on it died, so nobody will.
@@ -159,17 +165,17 @@ def watch(root: Path, jobs: list[Job], workers: int) -> list[Job]:
     """Run the queue until every job succeeded, failed or was lost; returns those that did not succeed."""
     start_workers(root, workers)
     restarts, no_worker_since, unreadable = 0, None, 0
-    while unfinished := [j for j in jobs if j.status in ("Queued", "Running")]:
+    while unfinished := [j for j in jobs if j.unfinished]:
         time.sleep(POLL_SECONDS)
         states, now = queue_status(root), time.monotonic()
         unreadable = 0 if states is not None else unreadable + 1
         if states is None:
-            if unreadable * POLL_SECONDS > COLLECT_SECONDS:
+            if unreadable * POLL_SECONDS > UNREADABLE_SECONDS:
                 raise ImgclfError("DVC's experiment queue stayed unreadable; see `dvc queue status`")
             continue
         for job in unfinished:
             update(root, job, states.get(job.name), now)
-        if workers_alive(root) or not any(j.status in ("Queued", "Running") for j in jobs):
+        if workers_alive(root) or not any(j.unfinished for j in jobs):
             no_worker_since = None
             continue
         no_worker_since = no_worker_since or now
@@ -182,10 +188,9 @@ def watch(root: Path, jobs: list[Job], workers: int) -> list[Job]:
             restarts, no_worker_since = restarts + 1, None
             start_workers(root, workers)
             continue
-        for job in jobs:
-            if job.status in ("Queued", "Running"):
-                print(f"[{job.label}] lost: no DVC queue worker is left to run it", flush=True)
-                job.status = "Lost"
+        for job in [j for j in jobs if j.unfinished]:
+            print(f"[{job.label}] lost: no DVC queue worker is left to run it", flush=True)
+            job.status = "Lost"
     return [j for j in jobs if j.status != "Success"]
 
 

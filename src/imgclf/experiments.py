@@ -14,7 +14,7 @@ from pathlib import Path
 
 from imgclf import exp_queue
 from imgclf.io import ImgclfError, atomic_write
-from imgclf.tracking import Tracker
+from imgclf.tracking import Tracker, repo_root
 
 REPORTS_DIR = Path("reports")
 
@@ -158,7 +158,7 @@ def main(params: dict, variants: list[str], seeds: list[int] | None, user_overri
     # Fail fast on an unreachable store before queueing anything, and create the experiment once.
     Tracker.connect(params["tracking"])
     grid = [exp_queue.Job(f"{v} seed {s}", queue_args(v, s, user_overrides)) for v in chosen for s in seeds]
-    failed = exp_queue.run(Path.cwd(), grid, jobs)
+    failed = exp_queue.run(repo_root(), grid, jobs)
     rows = write_table(experiment, chosen, seeds)
     missing = [v for v in chosen if v not in {r["variant"] for r in rows}]
     if failed or missing:
