@@ -27,6 +27,18 @@ TINY = {
 }
 # Tiny training that runs until it is interrupted (~100 s): without the patience, TINY early-stops after ~5 s.
 UNTIL_INTERRUPTED = TINY | {"train.training_epochs": "500", "train.early_stopping.patience": "500"}
+# The fast family, as tiny: narrow blocks, small batches, a few epochs, every ingredient on (lookahead from
+# epoch 3, augmentation, the whitening bias frozen after epoch 3, TTA in evaluate).
+FAST_TINY = {
+    "model.arch": "fast",
+    "model.fast.widths": "[8, 16, 16]",
+    "model.fast.whiten_images": "100",
+    "train.batch_size": "32",
+    "train.training_epochs": "6",
+    "train.early_stopping.monitor": "none",
+    "data.max_train_samples": "300",
+    "evaluate.tta": "flip_translate",
+}
 
 
 def set_args(overrides: dict[str, str], flag: str = "-S") -> list[str]:

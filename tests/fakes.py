@@ -21,6 +21,23 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+# --- params --------------------------------------------------------------------------------------
+
+
+def make_params(dataset="digits", path=None, dev_fraction=0.1, max_train_samples=None, seed=51, image_size=32):
+    """The two sections prepare() reads."""
+    return {
+        "seed": seed,
+        "data": {
+            "dataset": dataset,
+            "path": path,
+            "dev_fraction": dev_fraction,
+            "max_train_samples": max_train_samples,
+            "image_size": image_size,
+        },
+    }
+
+
 # --- fake CIFAR archive ---------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import TINY, copy_repo, error_line, pipeline_env, run, write_params
 from fakes import Evil, cifar_batch, make_folder, make_npz, md5, save_image, snapshot, write_cifar
-from imgclf.data import CIFAR10_MD5, CIFAR10_MD5_ENV
+from imgclf.sources.cifar10 import CIFAR10_MD5, CIFAR10_MD5_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -98,6 +98,10 @@ PARAMS_ROWS = [  # id, edit of the repo, fragments the message must hold (culpri
      ["train.early_stopping.patiance: unknown key (did you mean train.early_stopping.patience?)"]),
     ("all-problems-at-once", setting({"seed": "-1", "train.keep_prob": "0", "data.sead": "1"}),
      ["data.sead: unknown key", "seed=-1: must be >= 0", "train.keep_prob=0: must be in (0, 1]"]),
+    ("fast-widths-empty", setting({"model.arch": "fast", "model.fast.widths": "[]"}),
+     ["model.fast.widths=[]: must be a non-empty list of positive ints"]),
+    ("fast-flip-unknown", setting({"model.arch": "fast", "model.fast.flip": "sideways"}),
+     ["model.fast.flip='sideways': must be one of none, random, alternating"]),
 ]
 SPECIAL_PARAMS_ROWS = [  # id, edit, culprits, fix
     ("missing-file", lambda repo: (repo / "params.yaml").unlink(), ["params.yaml: not found"],

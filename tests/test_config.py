@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from imgclf.config import ConfigError, flatten, load_params, validate
+from imgclf.config import ConfigError, load_params, validate
+from imgclf.tracking import flatten
 
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -32,9 +33,11 @@ def test_repo_params_are_the_reports_settings():
         "learning_rate": 0.001, "training_epochs": 50, "batch_size": 128, "regularization_strength": 0.01,
         "keep_prob": 0.6, "early_stopping": {"monitor": "loss", "patience": 5},
         "mixed_precision": "none", "jit_compile": False, "distribute": "none",  # the report: float32, one device
+        "tf32": False, "stop_on_collapse": True,  # full float32 on GPUs too
     }
-    assert params["model"]["input_scale"] == 1.0
-    assert params["data"]["dataset"] == "digits"
+    assert params["model"]["input_scale"] == 1.0 and params["model"]["arch"] == "report"
+    assert params["data"]["dataset"] == "digits" and params["data"]["image_size"] == 32
+    assert params["evaluate"] == {"tta": "none"}
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -46,13 +49,21 @@ def test_repo_params_are_the_reports_settings():
     ("train.batch_size", 12.5, "train.batch_size: must be an integer"),
     ("train.training_epochs", 0, "train.training_epochs=0: must be >= 1"),
     ("train.early_stopping.patience", -1, "train.early_stopping.patience=-1: must be >= 0"),
-    ("train.early_stopping.monitor", "acc", "must be one of loss, val_loss"),
+    ("train.early_stopping.monitor", "acc", "must be one of loss, val_loss, none"),
+    ("train.tf32", "yes", "train.tf32: must be true/false, got 'yes'"),
+    ("evaluate.tta", "mirror", "evaluate.tta='mirror': must be one of none, flip, flip_translate"),
+    ("model.arch", "vgg", "model.arch='vgg': must be one of fast, report"),
+    ("model.fast.widths", [], "model.fast.widths=[]: must be a non-empty list of positive ints"),
+    ("model.fast.flip", "both", "model.fast.flip='both': must be one of none, random, alternating"),
+    ("model.fast.momentum", 1.0, "model.fast.momentum=1.0: must be in [0, 1)"),
+    ("data.image_size", 4, "data.image_size=4: must be in 8..1024"),
+    ("data.image_size", 64, "data.image_size=64: the digits source has 32x32 images only"),
     ("train.mixed_precision", "float16", "must be one of none, mixed_float16, mixed_bfloat16"),
     ("train.jit_compile", 1, "train.jit_compile: must be true/false, got 1"),
     ("train.distribute", "tpu", "train.distribute='tpu': must be one of none, mirrored, multi_worker"),
     ("data.dev_fraction", 1, "data.dev_fraction=1: must be in (0, 1)"),
     ("data.dev_fraction", 0, "data.dev_fraction=0: must be in (0, 1)"),
-    ("data.dataset", "mnist", "must be one of digits, cifar10, folder, npz"),
+    ("data.dataset", "mnist", "must be one of cifar10, digits, folder, npz"),
     ("model.conv_blocks", [], "model.conv_blocks=[]: must be a list of lists of positive ints, at least one"),
     ("model.conv_blocks", [[64, 0]], "model.conv_blocks=[[64, 0]]"),
     ("model.conv_blocks", [[], []], "model.conv_blocks=[[], []]: must be"),
@@ -95,6 +106,26 @@ def test_all_problems_reported_at_once_and_missing_keys():
     assert "train.batch_size: missing" in msg
     assert "train.keep_prob=0" in msg
     assert "data: must be a section" in msg
+
+
+def test_each_family_checks_its_own_keys_and_the_image_size():
+    params = params_with(**{"data.dataset": "folder", "data.image_size": 64})
+    with pytest.raises(ConfigError, match="data.image_size=64: model.arch=report takes 32x32 images only"):
+        validate(params)
+    params["model"]["arch"] = "fast"
+    validate(params)  # the fast family takes any size
+
+
+def test_validation_never_imports_tensorflow(tmp_path):
+    """config reads every plug-in's keys; validating must not wait for TensorFlow to load."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from imgclf.config import load_params; load_params(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "params.yaml")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_nullables_accept_null_and_ints_count_as_numbers():

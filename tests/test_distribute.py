@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, free_port, pipeline_env, run, set_args
 from imgclf.config import load_params
-from imgclf.data import prepare
+from imgclf.prepare import prepare
 
 pytestmark = pytest.mark.e2e
 
@@ -128,7 +128,7 @@ def test_multi_worker_trains_like_one_device_and_only_the_chief_writes(prepared,
     client = MlflowClient(f"sqlite:///{chief / 'mlflow.db'}")
     (only_run,) = client.search_runs([client.get_experiment_by_name("imgclf").experiment_id])
     assert only_run.info.status == "FINISHED" and only_run.data.tags["replicas"] == "2"
-    assert json.loads((chief / "reports/train.json").read_text())["mlflow_run_id"] == only_run.info.run_id
+    assert json.loads((chief / "reports/run.json").read_text())["mlflow_run_id"] == only_run.info.run_id
     # Worker 1 ran every step with it and wrote nothing at all: no model, reports, checkpoint or MLflow store.
     assert "not the chief worker: wrote nothing" in worker_out
     assert files_in(dirs[1]) == before

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, finished_runs, pipeline_env, run, set_args, wait_until, write_params
 from imgclf.config import apply_overrides, validate
-from imgclf.experiments import PRESETS
-from imgclf.model import build_model
+from imgclf.experiments import PRESETS, REPORT_VARIANTS, markdown, summarize
+from imgclf.families.report import build_model
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -42,7 +42,7 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("variant", list(PRESETS))
+@pytest.mark.parametrize("variant", REPORT_VARIANTS)
 def test_each_preset_builds_the_hand_computed_net(variant):
     params = validate(apply_overrides(copy.deepcopy(PARAMS), [f"{k}={v}" for k, v in PRESETS[variant].overrides.items()]))
     assert build_model(params["model"], params["train"], 10).count_params() == EXPECTED[variant]
@@ -55,7 +55,8 @@ def test_every_variant_runs_through_the_dvc_queue_into_the_repo_store(repo_copy)
     proc = run(["imgclf", "experiments", "--jobs", "2", *set_args(smoke)], repo_copy, timeout=900)
     table = (repo_copy / "reports/experiments.md").read_text()
     assert table in proc.stdout
-    for variant, preset in PRESETS.items():
+    for variant in REPORT_VARIANTS:  # the default: the report's six, not `fast`
+        preset = PRESETS[variant]
         row = next(line for line in table.splitlines() if line.startswith(f"| {variant} |"))
         assert " | 51 | " in row and row.endswith(f"| {' / '.join(f'{f:.3f}' for f in preset.report_f1)} |")
     assert (repo_copy / "reports/experiments.png").read_bytes()[:4] == b"\x89PNG"
@@ -65,7 +66,7 @@ def test_every_variant_runs_through_the_dvc_queue_into_the_repo_store(repo_copy)
     assert not list((repo_copy / ".dvc").rglob("mlflow.db"))
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
     runs = finished_runs(f"sqlite:///{repo_copy / 'mlflow.db'}", "imgclf")
-    assert sorted(r.data.tags["variant"] for r in runs) == sorted(PRESETS)
+    assert sorted(r.data.tags["variant"] for r in runs) == sorted(REPORT_VARIANTS)
     for r in runs:
         assert r.info.status == "FINISHED" and r.data.metrics["epochs_run"] == 1
         assert 0 <= r.data.metrics["dev_f1_macro"] <= 1
@@ -112,6 +113,25 @@ def test_a_killed_queue_worker_is_reported_and_replaced_instead_of_waited_on(rep
     assert "imgclf experiments: shallow seed 1: lost (" in err
     row = next(line for line in (repo_copy / "reports/experiments.md").read_text().splitlines() if "| shallow |" in line)
     assert "| 2 |" in row or "| 1, 2 |" in row  # seed 2's run, and seed 1's if its orphaned training still finished
+
+
+class FakeRun:
+    """What summarize() reads of an MLflow run."""
+
+    def __init__(self, seed: int, f1: float, collapsed: bool):
+        self.data = type("Data", (), {})()
+        self.data.params = {"seed": str(seed)}
+        self.data.metrics = {"dev_f1_macro": f1, "epochs_run": 6.0, "train_seconds": 10.0}
+        self.data.tags = {"collapsed": str(collapsed).lower(), "early_stopped": "False"}
+        self.info = type("Info", (), {"run_id": f"{seed:032d}"})()
+
+
+def test_collapsed_runs_are_marked_and_left_out_of_the_second_mean():
+    runs = [FakeRun(51, 0.018, True), FakeRun(52, 0.70, False), FakeRun(53, 0.74, False)]
+    (line,) = [r for r in markdown([summarize("report_final", runs)]).splitlines() if r.startswith("| report_final")]
+    assert line.startswith("| report_final | 51, 52, 53 | 0.486 ± 0.406 | 0.720 ± 0.028 | 1/3 (51) | 6, 6, 6 |")
+    (line,) = [r for r in markdown([summarize("fast", [FakeRun(51, 0.1, True)])]).splitlines() if "| fast |" in r]
+    assert "| 0.100 ± 0.000 | — | 1/1 (51) |" in line and line.endswith("| — |")  # no report number for fast
 
 
 def test_unknown_variant_is_refused(tmp_path):

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from conftest import TINY, pipeline_env, run, set_args
+from conftest import TINY, pipeline_env, run, set_args, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +29,8 @@ def test_exp_run_writes_every_output_then_repro_is_a_noop(repo_copy):
     metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
     assert 0 <= metrics["dev"]["f1_macro"] <= 1 and 0 <= metrics["dev"]["accuracy"] <= 1
     assert "test" not in metrics  # digits has no test split
-    assert metrics["train"]["epochs_run"] == 2 and len(metrics["mlflow_run_id"]) == 32
+    assert metrics["train"]["epochs_run"] == 2 and metrics["train"]["stop_reason"] == "training_epochs"
+    assert len(json.loads((repo_copy / "reports/run.json").read_text())["mlflow_run_id"]) == 32  # untracked
     rows = list(csv.DictReader((repo_copy / "reports/history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(float(r["loss_sum"]) > float(r["loss"]) > 0 for r in rows)
@@ -70,3 +71,49 @@ def test_dvc_plots_render(repo_copy):
     run(["dvc", "plots", "show", "-o", str(out)], repo_copy, env=pipeline_env())
     html = (out / "index.html").read_text()
     assert "dev_f1_macro" in html and "loss" in html
+
+
+def test_a_fresh_clone_reruns_to_the_same_bytes_and_a_clean_git_status(repo_copy, tmp_path):
+    """Same machine type and versions: a fresh clone's `dvc repro` rewrites every output, byte for byte."""
+    write_params(repo_copy, TINY)
+    run(["dvc", "repro"], repo_copy)
+    run(["git", "add", "-A"], repo_copy)
+    run(["git", "commit", "-qm", "outputs"], repo_copy)
+    assert run(["git", "status", "--porcelain"], repo_copy).stdout == ""
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
+    assert not (clone / "models/model.keras").exists()  # DVC-cached outputs are not in git
+    proc = run(["dvc", "repro"], clone)
+    assert "Running stage 'train'" in proc.stdout  # it really trained again
+    assert run(["git", "status", "--porcelain"], clone).stdout == ""
+    assert (clone / "dvc.lock").read_bytes() == (repo_copy / "dvc.lock").read_bytes()
+    assert (clone / "models/model.keras").read_bytes() == (repo_copy / "models/model.keras").read_bytes()
+    # The run's id and wall time stay out of git: in the untracked reports/run.json (and MLflow).
+    for name in ("metrics.json", "train.json", "history.csv"):
+        text = (clone / "reports" / name).read_text()
+        assert "mlflow_run_id" not in text and "seconds" not in text, name
+    assert json.loads((clone / "reports/run.json").read_text())["train_seconds"] > 0
+
+
+def test_a_collapse_is_warned_tagged_reported_and_still_evaluated(repo_copy):
+    """A huge learning rate on tiny data kills every ReLU: the net predicts one class from epoch 3 on."""
+    settings = TINY | {"train.training_epochs": "30", "train.learning_rate": "0.1", "tracking.variant": "report_final"}
+    proc = run(["dvc", "exp", "run", *set_args(settings)], repo_copy)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING: training collapsed")]
+    assert len(warnings) == 1 and "stop_reason: collapsed" in warnings[0], proc.stderr[-3000:]
+    print(warnings[0])  # shown by `pytest -rP`
+    trained = json.loads((repo_copy / "reports/train.json").read_text())
+    metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
+    assert trained["collapsed"] and trained["stop_reason"] == "collapsed"
+    assert trained["epochs_run"] == trained["collapsed_epoch"] < 30
+    assert metrics["train"]["collapsed"] is True and metrics["train"]["stop_reason"] == "collapsed"
+    assert (repo_copy / "models/model.keras").is_file() and metrics["dev"]["f1_macro"] <= 0.15  # saved, evaluated
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    r = client.get_run(json.loads((repo_copy / "reports/run.json").read_text())["mlflow_run_id"])
+    assert r.info.status == "FINISHED" and r.data.tags["collapsed"] == "true"
+    assert r.data.tags["collapsed_epoch"] == str(trained["collapsed_epoch"]) and r.data.params["stop_reason"] == "collapsed"
+    table = run(["imgclf", "experiments", "--table"], repo_copy).stdout
+    row = next(line for line in table.splitlines() if line.startswith("| report_final |"))
+    assert "| 1/1 (51) |" in row and "| — |" in row  # marked, and no mean left without it

@@ -12,7 +12,9 @@ import pytest
 from conftest import REPO
 from imgclf.config import load_params
 from imgclf.distribute import make_strategy
-from imgclf.train import build_compiled, make_dataset, seed_everything, steps_per_epoch
+from imgclf.dataset import make_dataset, steps_per_epoch
+from imgclf.numerics import seed_everything
+from imgclf.train import build_compiled
 
 PARAMS = load_params(REPO / "params.yaml", ["model.conv_blocks=[[4], [8]]", "model.dense_units=[16]"])
 X = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
@@ -23,7 +25,7 @@ def compiled(**train) -> keras.Model:
     """The tiny net, built and compiled exactly as train() does, with train.* switches changed."""
     params = copy.deepcopy(PARAMS)
     params["train"].update(train)
-    return build_compiled(params, 10, make_strategy("none"))
+    return build_compiled(params, 10, make_strategy("none"), X)
 
 
 def fit_one_epoch(model: keras.Model) -> float:

@@ -21,9 +21,10 @@ SETTINGS = TINY | {"train.training_epochs": "20"}
 
 
 def train(repo, **overrides) -> dict:
-    """One `imgclf train` process; returns its train.json and history rows."""
+    """One `imgclf train` process; returns its train.json, run.json (the MLflow run id) and history rows."""
     run(["imgclf", *set_args(SETTINGS | overrides), "train"], repo)
     summary = json.loads((repo / "reports/train.json").read_text())
+    summary |= json.loads((repo / "reports/run.json").read_text())
     summary["history"] = list(csv.DictReader((repo / "reports/history.csv").open()))
     return summary
 
@@ -56,6 +57,7 @@ def test_same_seed_same_weights_resume_after_kill_and_rerun(repo_copy):
     resumed = run(cmd, repo_copy)
     assert f"Resuming after epoch {killed_at}" in resumed.stdout
     after = json.loads((repo_copy / "reports/train.json").read_text())
+    after |= json.loads((repo_copy / "reports/run.json").read_text())
     assert after["weights_sha256"] == first["weights_sha256"]
     assert not (repo_copy / "models/checkpoint").exists()
     mlflow.set_tracking_uri(f"sqlite:///{repo_copy / 'mlflow.db'}")

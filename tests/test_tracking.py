@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, UNTIL_INTERRUPTED, finished_runs, free_port, pipeline_env, run, set_args
 from conftest import wait_for_metric
-from imgclf.callbacks import EarlyStopLogger
-from imgclf.config import flatten
-from imgclf.model import load_model
+from imgclf.early_stopping import make as early_stopping
+from imgclf.modelfile import load as load_model
+from imgclf.tracking import flatten
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,11 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
         assert r.data.tags["early_stopped"] == "False" and r.data.params["stopped_epoch"] == "0"
         assert {"best_epoch", "best_loss"} <= set(r.data.params)
         assert 0 <= r.data.metrics["dev_f1_macro"] <= 1 and "dev_accuracy" in r.data.metrics
-        assert {f"dev_f1_{c}" for c in "0123456789"} <= set(r.data.metrics)
+        assert {f"dev_f1_per_class/{c}" for c in "0123456789"} <= set(r.data.metrics)  # a chart section of their own
+        assert not any(k.startswith("dev_f1_") and "/" not in k and k != "dev_f1_macro" for k in r.data.metrics)
+        assert r.data.params["evaluate.tta"] == "none" and r.data.params["train.tf32"] == "False"
+        assert r.data.tags["tf32"] == "false" and r.data.tags["collapsed"] == "false"
+        assert r.data.params["stop_reason"] == "training_epochs" == r.data.tags["stop_reason"]
         assert r.data.tags["dvc_exp_name"] and r.info.run_name == r.data.tags["dvc_exp_name"]
         assert len(r.data.tags["git_commit"]) == 40 and len(r.data.tags["weights_sha256"]) == 64
         assert r.data.tags["tensorflow_version"] and r.data.tags["device"].startswith(("CPU", "GPU"))
@@ -55,8 +59,9 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
         assert r.inputs.dataset_inputs[0].dataset.digest == r.data.tags["data_digest"][:36]
 
     # The last run's model, loaded through pyfunc, predicts exactly like the Keras model on disk.
-    metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
-    assert metrics["mlflow_run_id"] == runs[-1].info.run_id
+    run_info = json.loads((repo_copy / "reports/run.json").read_text())  # untracked: ids stay out of git
+    assert run_info["mlflow_run_id"] == runs[-1].info.run_id
+    assert "mlflow_run_id" not in (repo_copy / "reports/metrics.json").read_text()
     mlflow.set_tracking_uri(mlflow_server)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{runs[-1].info.run_id}/model")
     x = np.load(repo_copy / "data/prepared/x_dev.npy")[:8].astype(np.float32)
@@ -112,14 +117,14 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
     params["tracking"]["register_model"] = f"{params['tracking']['experiment']}-model"
     tracker = tracking.Tracker.connect(params["tracking"])
     manifest = {"digest": "d" * 64, "dataset": "digits", "source": {"path": None}}
-    early = EarlyStopLogger("loss", patience=2)
+    early = early_stopping("loss", patience=2)
     with tracker.training_run(params, manifest, model, "CPU: test") as handle:
         result = model.fit(np.zeros((4, 32, 32, 3)), np.zeros(4), epochs=20, verbose=0,
                            callbacks=[Crafted(), early, handle.epoch_callback()])
         history = [{"epoch": i + 1, **{k: v[i] for k, v in result.history.items()}} for i in range(8)]
         train.write_history(history, tmp_path)
         summary = {**early.summary(), "epochs_run": 8, "weights_sha256": train.weights_sha256(model),
-                   "train_seconds": 1.0}
+                   "train_seconds": 1.0, "stop_reason": "early_stopping", "collapsed": False, "collapsed_epoch": 0}
         handle.log_training_end(summary, model, tmp_path)
 
     (r,) = finished_runs(mlflow_server, params["tracking"]["experiment"])

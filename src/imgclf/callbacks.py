@@ -1,46 +1,21 @@
-"""Keras callbacks for the report's training loop: summed epoch loss, its early stop, dev metrics."""
+"""Keras callbacks of every training run: summed epoch loss, dev metrics, timing, and the stops that are
+not early stopping (a NaN loss, a signal, a collapse to one class)."""
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import keras
 import numpy as np
 
-from imgclf.io import ImgclfError, raise_if_interrupted
+from imgclf.errors import ImgclfError, raise_if_interrupted
 from imgclf.metrics import f1_macro, softmax_cross_entropy
-
-
-# What these callbacks add to Keras' per-epoch logs, in the order history.csv and MLflow show them.
-EPOCH_METRICS = ("loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
-                 "early_stopping_wait", "epoch_seconds")
 
 
 class NonFiniteLossError(ImgclfError):
     """Training produced a NaN/Inf loss; no model is written."""
-
-
-class ReportEarlyStopping:
-    """The report's EarlyStopping class: a loss greater than the best so far counts up, else resets.
-
-    Equal is not worse. `validate` returns True (stop) once the counter exceeds `patience`.
-    """
-
-    def __init__(self, patience: int):
-        self.patience = patience
-        self.best = math.inf
-        self.wait = 0
-        self.best_epoch = 0
-        self.epochs_seen = 0
-
-    def validate(self, loss: float) -> bool:
-        self.epochs_seen += 1
-        if self.best < loss:
-            self.wait += 1
-            return self.wait > self.patience
-        self.best, self.wait, self.best_epoch = loss, 0, self.epochs_seen
-        return False
 
 
 class EpochLossSum(keras.callbacks.Callback):
@@ -71,9 +46,10 @@ class EpochLossSum(keras.callbacks.Callback):
 
 
 class DevMetrics(keras.callbacks.Callback):
-    """Adds `dev_loss`, `dev_accuracy` and `dev_f1_macro` from one prediction pass over the dev split.
+    """Adds `dev_loss`, `dev_accuracy`, `dev_f1_macro` (and `dev_predicted_classes`, for the collapse
+    check) from one prediction pass over the dev split.
 
-    dev_loss includes the L2 term, like Keras' own val_loss, so it compares with `loss`.
+    dev_loss includes the model's L2 term, like Keras' own val_loss, so it compares with `loss`.
     """
 
     def __init__(self, x_dev: np.ndarray, y_dev: np.ndarray, num_classes: int, batch_size: int):
@@ -88,6 +64,7 @@ class DevMetrics(keras.callbacks.Callback):
         y_pred = logits.argmax(axis=1)
         logs["dev_accuracy"] = float((y_pred == self.y_dev).mean())
         logs["dev_f1_macro"] = f1_macro(self.y_dev, y_pred, self.num_classes)
+        logs["dev_predicted_classes"] = len(np.unique(y_pred))
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -100,12 +77,21 @@ class EpochTimer(keras.callbacks.Callback):
         logs["epoch_seconds"] = time.perf_counter() - self._start
 
 
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops at the first NaN/Inf batch loss with a clear error (Keras' TerminateOnNaN stops silently),
-    and at the first batch after a SIGINT/SIGTERM whose exception something swallowed."""
+class StopOnSignal(keras.callbacks.Callback):
+    """Raises a SIGINT/SIGTERM that arrived during training, at the next batch boundary: in our own
+    code, between steps, so the checkpoint is intact and the run ends KILLED (see errors.py)."""
 
     def on_train_batch_end(self, batch, logs=None):
         raise_if_interrupted()
+
+    def on_epoch_end(self, epoch, logs=None):
+        raise_if_interrupted()
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops at the first NaN/Inf batch loss with a clear error (Keras' TerminateOnNaN stops silently)."""
+
+    def on_train_batch_end(self, batch, logs=None):
         loss = float(logs["loss"])
         if not math.isfinite(loss):
             raise NonFiniteLossError(
@@ -114,81 +100,83 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
-class EarlyStopLogger(keras.callbacks.Callback):
-    """Runs the early-stop rule on every epoch, adds `early_stopping_wait` and stops training.
+class CollapseDetector(keras.callbacks.Callback):
+    """Catches a net that predicts a single class: after epoch AFTER_EPOCH, IN_A_ROW epochs in a row whose
+    dev predictions are one class or whose dev macro-F1 is at most 1.5 / number of classes.
 
-    monitor=loss uses the report's rule on `loss_sum`; monitor=val_loss uses Keras'
-    EarlyStopping on `dev_loss` with restore_best_weights. Both record best and stopped epochs.
+    Then it prints one WARNING line and (train.stop_on_collapse) stops training; the run is tagged and
+    reported collapsed. The report's L2 on raw pixels sits on this knife edge: seed 51 collapsed under a
+    GPU's TF32 matmuls and learned in full float32.
     """
 
-    def __init__(self, monitor: str, patience: int):
+    state_name = "collapse"
+    AFTER_EPOCH = 3
+    IN_A_ROW = 3
+
+    def __init__(self, num_classes: int, stop: bool):
         super().__init__()
-        self.monitor, self.patience = monitor, patience
-        self.rule = ReportEarlyStopping(patience) if monitor == "loss" else None
-        self.keras_rule = None if self.rule else keras.callbacks.EarlyStopping(
-            monitor="dev_loss", patience=patience, restore_best_weights=True, mode="min"
-        )
-        self.stopped_epoch = 0
-        self._resumed: tuple | None = None
-
-    def set_model(self, model):
-        super().set_model(model)
-        if self.keras_rule:
-            self.keras_rule.set_model(model)
-
-    def on_train_begin(self, logs=None):
-        if self.keras_rule:
-            self.keras_rule.on_train_begin(logs)  # resets Keras' counters: resumed state goes on top
-        if self._resumed:
-            self._apply_state(*self._resumed)
-
-    def get_state(self) -> tuple[dict, list | None]:
-        """JSON-able counters for a checkpoint, plus Keras' best weights (val_loss) or None."""
-        rule = self.rule or self.keras_rule
-        state = {"stopped_epoch": self.stopped_epoch, "wait": rule.wait, "best": rule.best,
-                 "best_epoch": rule.best_epoch, "epochs_seen": getattr(rule, "epochs_seen", 0)}
-        return state, (self.keras_rule.best_weights if self.keras_rule else None)
-
-    def set_state(self, state: dict, best_weights: list | None) -> None:
-        """Continue from a checkpoint's counters (applied when fit() begins)."""
-        self._resumed = (state, best_weights)
-
-    def _apply_state(self, state: dict, best_weights: list | None) -> None:
-        rule = self.rule or self.keras_rule
-        self.stopped_epoch = state["stopped_epoch"]
-        rule.wait, rule.best, rule.best_epoch = state["wait"], state["best"], state["best_epoch"]
-        if self.rule:
-            self.rule.epochs_seen = state["epochs_seen"]
-        else:
-            self.keras_rule.best_weights = best_weights
+        self.threshold, self.stop = 1.5 / num_classes, stop
+        self.streak, self.collapsed_epoch = 0, 0
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.rule:
-            stop = self.rule.validate(logs["loss_sum"])
-            logs["early_stopping_wait"] = self.rule.wait
-        else:
-            self.keras_rule.on_epoch_end(epoch, logs)
-            stop = self.model.stop_training
-            logs["early_stopping_wait"] = self.keras_rule.wait
-        if stop:
-            self.stopped_epoch = epoch + 1
+        one_class = logs["dev_predicted_classes"] == 1 or logs["dev_f1_macro"] <= self.threshold
+        self.streak = self.streak + 1 if one_class and epoch + 1 > self.AFTER_EPOCH else 0
+        if self.streak < self.IN_A_ROW or self.collapsed_epoch:
+            return
+        self.collapsed_epoch = epoch + 1
+        then = "stopping training (stop_reason: collapsed); the model is still saved and evaluated" if self.stop \
+            else "training goes on (train.stop_on_collapse: false)"
+        print(f"WARNING: training collapsed to one class: dev predictions were {int(logs['dev_predicted_classes'])} "
+              f"class(es), dev macro-F1 {logs['dev_f1_macro']:.3f} (<= {self.threshold:.3f}) for epochs "
+              f"{epoch + 2 - self.IN_A_ROW}-{epoch + 1}; {then}. Try another seed, train.tf32=false on a GPU, "
+              "or model.input_scale=0.00392156862745098 (inputs in [0, 1])", file=sys.stderr, flush=True)
+        if self.stop:
             self.model.stop_training = True
 
-    def on_train_end(self, logs=None):
-        if self.keras_rule:
-            self.keras_rule.on_train_end(logs)
-
     def summary(self) -> dict:
-        """Early-stop facts for train.json and MLflow (epochs are 1-based)."""
-        if self.rule:
-            best_epoch, best = self.rule.best_epoch, self.rule.best
-        else:
-            best_epoch, best = self.keras_rule.best_epoch + 1, self.keras_rule.best
-        return {
-            "monitor": self.monitor,
-            "patience": self.patience,
-            "early_stopped": self.stopped_epoch > 0,
-            "stopped_epoch": self.stopped_epoch,
-            "best_epoch": best_epoch,
-            "best_loss": float(best),
-        }
+        return {"collapsed": self.collapsed_epoch > 0, "collapsed_epoch": self.collapsed_epoch}
+
+    def get_state(self) -> tuple[dict, None]:
+        return {"streak": self.streak, "collapsed_epoch": self.collapsed_epoch}, None
+
+    def set_state(self, state: dict, arrays: None) -> None:
+        self.streak, self.collapsed_epoch = state["streak"], state["collapsed_epoch"]
+
+
+class Lookahead(keras.callbacks.Callback):
+    """Lookahead/EMA of every float weight, BN running statistics included (airbench94).
+
+    Every `every` steps after step `start`: ema <- ema + (1 - rho) (net - ema), then net <- ema, with
+    rho = decay**every * (step / total)**3, so the averaging tightens towards the end. After the last
+    step the net takes the average. The averaged weights are checkpointed (state_name "lookahead").
+    """
+
+    state_name = "lookahead"
+
+    def __init__(self, every: int, total_steps: int, start: int, decay: float):
+        super().__init__()
+        self.every, self.total, self.start, self.decay = every, total_steps, start, decay
+        self.ema: list[np.ndarray] | None = None
+
+    def _variables(self) -> list:
+        return [v for v in self.model.weights if "float" in str(v.dtype)]
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step <= self.start or (step % self.every and step < self.total):
+            return
+        variables = self._variables()
+        if self.ema is None:
+            self.ema = [np.array(v.numpy()) for v in variables]
+        if step % self.every == 0:
+            rho = self.decay ** self.every * (step / self.total) ** 3
+            for ema, variable in zip(self.ema, variables):
+                ema += (1 - rho) * (variable.numpy() - ema)
+        for ema, variable in zip(self.ema, variables):
+            variable.assign(ema)
+
+    def get_state(self) -> tuple[dict, list | None]:
+        return {"started": self.ema is not None}, self.ema
+
+    def set_state(self, state: dict, arrays: list | None) -> None:
+        self.ema = [np.array(a) for a in arrays] if arrays is not None else None

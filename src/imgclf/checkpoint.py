@@ -1,10 +1,15 @@
 """Resumable training: after every epoch, everything needed to continue bit-identically.
 
-A checkpoint is `state.json` plus the weights file it names (model + optimizer variables, Keras'
-`save_weights`). Keras does not save the dropout layers' RNG state, so the state records it; the
-data order needs no state because each epoch's shuffle is derived from (seed, epoch). A checkpoint
-belongs to one fingerprint (seed, model, train params and the prepared data's digest): any other
-configuration ignores it and starts afresh.
+A checkpoint is `state.json` plus the files it names: the weights file (model + optimizer variables,
+Keras' `save_weights`, so the step count that drives a learning-rate schedule too) and one `.npz` per
+stateful callback that has arrays (Keras' best weights under monitor=val_loss, the fast family's
+lookahead weights). Keras does not save the dropout layers' RNG state, so state.json records it;
+the data order and augmentation need no state because they are derived from (seed, epoch, index).
+A checkpoint belongs to one fingerprint (seed, model, train params and the prepared data's digest):
+any other configuration ignores it and starts afresh.
+
+A stateful callback has a `state_name` and `get_state() -> (dict, arrays or None)` /
+`set_state(dict, arrays or None)`.
 """
 
 from __future__ import annotations
@@ -17,10 +22,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from imgclf.io import atomic_write, write_json
-
-CHECKPOINT_DIR = "models/checkpoint"
-STATE = "state.json"
+from imgclf.files import atomic_write, write_json
+from imgclf.paths import CHECKPOINT_STATE
 
 
 def fingerprint(params: dict, data_digest: str) -> str:
@@ -37,7 +40,7 @@ def _seed_states(model: keras.Model) -> list:
 def load(ckpt_dir: str | Path, expected_fingerprint: str, clear_stale: bool = True) -> dict | None:
     """The saved state if it exists and matches this configuration, else None (a stale one is deleted
     when clear_stale: only the process that writes checkpoints may delete one)."""
-    path = Path(ckpt_dir) / STATE
+    path = Path(ckpt_dir) / CHECKPOINT_STATE
     if not path.is_file():
         return None
     try:
@@ -61,21 +64,32 @@ def restore(model: keras.Model, state: dict, ckpt_dir: str | Path) -> None:
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
+def restore_callbacks(stateful: list, state: dict, ckpt_dir: str | Path) -> None:
+    """Give every stateful callback the state it had after epoch `state['epoch']`."""
+    for callback in stateful:
+        saved, arrays = state["callbacks"][callback.state_name], None
+        if saved.get("arrays"):
+            with np.load(Path(ckpt_dir) / saved["arrays"]) as npz:
+                arrays = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+        callback.set_state(saved["state"], arrays)
+
+
 def clear(ckpt_dir: str | Path) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the state after each completed epoch: weights file first, then state.json names it.
+    """Saves the state after each completed epoch: weights and arrays first, then state.json names them.
 
-    write=False (a non-chief worker) only collects the history.
+    `stateful`: the callbacks whose state is saved too. write=False (a non-chief worker) only collects
+    the history.
     """
 
-    def __init__(self, ckpt_dir: str | Path, fingerprint: str, history: list[dict], early, run_id: str | None,
-                 write: bool = True):
+    def __init__(self, ckpt_dir: str | Path, fingerprint: str, history: list[dict], stateful: list,
+                 run_id: str | None, write: bool = True):
         super().__init__()
         self.dir, self.fingerprint, self.history = Path(ckpt_dir), fingerprint, list(history)
-        self.early, self.run_id, self.write = early, run_id, write
+        self.stateful, self.run_id, self.write = stateful, run_id, write
 
     def on_epoch_end(self, epoch, logs=None):
         self.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
@@ -83,27 +97,23 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
         weights = f"epoch-{epoch + 1:04d}.weights.h5"
         atomic_write(self.dir / weights, lambda tmp: self.model.save_weights(tmp))
-        early_state, best_weights = self.early.get_state()
-        if best_weights is not None:
-            atomic_write(self.dir / f"best-{weights}.npz", lambda tmp: np.savez(tmp, *best_weights))
-        write_json(self.dir / STATE, {
+        keep, callbacks = {weights}, {}
+        for callback in self.stateful:
+            state, arrays = callback.get_state()
+            name = f"{callback.state_name}-{weights}.npz" if arrays is not None else None
+            if name:
+                atomic_write(self.dir / name, lambda tmp: np.savez(tmp, *arrays))
+                keep.add(name)
+            callbacks[callback.state_name] = {"state": state, "arrays": name}
+        write_json(self.dir / CHECKPOINT_STATE, {
             "fingerprint": self.fingerprint,
             "epoch": epoch + 1,
             "weights": weights,
-            "best_weights": f"best-{weights}.npz" if best_weights is not None else None,
             "seed_states": [np.asarray(v).tolist() for v in _seed_states(self.model)],
-            "early_stopping": early_state,
+            "callbacks": callbacks,
             "history": self.history,
             "mlflow_run_id": self.run_id,
         })
         for old in self.dir.glob("*epoch-*"):  # only the files state.json names stay
-            if old.name not in (weights, f"best-{weights}.npz"):
+            if old.name not in keep:
                 old.unlink(missing_ok=True)
-
-
-def load_best_weights(state: dict, ckpt_dir: str | Path) -> list | None:
-    """Keras EarlyStopping's best weights saved with the state (monitor=val_loss), if any."""
-    if not state.get("best_weights"):
-        return None
-    with np.load(Path(ckpt_dir) / state["best_weights"]) as arrays:
-        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]

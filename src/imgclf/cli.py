@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
 
 # TensorFlow's C++ start-up chatter hides our own messages; users can still set it lower.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
 
 
 def _params(args) -> dict:
@@ -40,7 +37,9 @@ def stage_command(module: str):
 def cmd_predict(args) -> None:
     from imgclf import predict
 
-    predict.main(args.images, run_id=args.run, model_path=args.model)
+    # outside a project there is no params.yaml to take evaluate.tta from: no TTA then
+    tta = args.tta or (_params(args)["evaluate"]["tta"] if os.path.isfile(args.params) else "none")
+    predict.main(args.images, run_id=args.run, model_path=args.model, tta=tta)
 
 
 def cmd_rerun(args) -> int:
@@ -75,12 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     add("validate", cmd_validate, "check params.yaml and exit")
-    for name, module, text in (("prepare", "data", "data -> data/prepared/ arrays + manifest.json"),
-                               ("train", "train", "train the report's CNN -> models/model.keras"),
-                               ("evaluate", "evaluate", "F1 and friends -> reports/metrics.json")):
-        add(name, stage_command(module), text)
+    for name, text in (("prepare", "data source -> data/prepared/ arrays + manifest.json"),
+                       ("train", "train the model family params.yaml names -> models/model.keras"),
+                       ("evaluate", "F1 and friends -> reports/metrics.json")):
+        add(name, stage_command(name), text)  # the DVC stage's name is its module's
     predict = add("predict", cmd_predict, "print class and probability per image")
-    predict.add_argument("images", nargs="+", help="image files (any size; converted to 32x32 RGB)")
+    predict.add_argument("images", nargs="+", help="image files (any size; converted to the net's size, RGB)")
+    predict.add_argument("--tta", choices=("none", "flip", "flip_translate"),
+                         help="test-time augmentation (default: params.yaml's evaluate.tta)")
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--run", help="MLflow run id whose logged model to use")
     source.add_argument("--model", help="a saved .keras model (default: models/model.keras)")
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("run_id", help="the MLflow run to reproduce (same prepared data required)")
     exps = add("experiments", cmd_experiments, "the report's variants x seeds via DVC's queue, and a table")
     exps.add_argument("--variants", nargs="+", default=[], metavar="V",
-                      help="presets to run (default: all): report_final no_256 no_512 single_fc shallow "
-                           "shallow_dropout")
+                      help="presets to run (default: the report's six): report_final no_256 no_512 single_fc "
+                           "shallow shallow_dropout, and fast")
     exps.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: params.yaml's seed)")
     exps.add_argument("--jobs", type=int, default=1, help="experiments run at once (default: 1)")
     exps.add_argument("--table", action="store_true", help="only rebuild the table from MLflow, no training")
@@ -98,15 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; user errors print one line and exit 2, interrupts exit 130."""
-    from imgclf.io import ImgclfError, on_interrupt_signal
+    from imgclf.errors import ImgclfError, install_handlers, raise_if_interrupted
 
     args = build_parser().parse_args(argv)
-    # SIGINT too: a shell starts background jobs with SIGINT ignored and Python keeps that, yet a
-    # training run must still end its MLflow run KILLED and keep its checkpoint when sent SIGINT.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_interrupt_signal)
+    install_handlers()
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        raise_if_interrupted()  # a signal some library swallowed still ends the command as interrupted
+        return code
     except ImgclfError as exc:
         print(f"imgclf {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,29 +1,32 @@
-"""params.yaml: the one place that loads and validates configuration.
+"""params.yaml: the one place that loads and validates configuration, before any stage runs.
 
-Every key the pipeline reads is declared in SCHEMA with its type and allowed range. Unknown,
-missing or invalid keys are all reported together in one line, before any stage does work
-(DVC's `-S` refuses unknown keys, but a hand-edited typo or `-S +key=` would otherwise be
-silently ignored).
+Every key the pipeline reads is declared with its type and allowed range: the common keys here, each
+data source's and model family's own keys in its plug-in file, which config takes from the registries.
+Unknown, missing or invalid keys are all reported together in one line, before any stage does work
+(DVC's `-S` refuses unknown keys, but a hand-edited typo or `-S +key=` would otherwise be silently ignored).
+
+This module is the CLI's front door, never imported by a stage: it decides whether a stage runs, not
+what it writes (DVC tracks the values themselves as each stage's `params:`).
 """
 
 from __future__ import annotations
 
-import difflib
-import math
+import copy
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from imgclf.io import ImgclfError
+from imgclf import families, sources
+from imgclf.errors import ImgclfError
+from imgclf.paths import PARAMS_FILE
+from imgclf.schema import BOOL, INT, NUM, STR, Key, check_node, finite, one_of
 
-PARAMS_FILE = "params.yaml"
-DATASETS = ("digits", "cifar10", "folder", "npz")
-MONITORS = ("loss", "val_loss")
+MONITORS = ("loss", "val_loss", "none")  # early_stopping.py: the report's rule, Keras' rule, no early stop
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("none", "mirrored", "multi_worker")
+TTA = ("none", "flip", "flip_translate")  # tta.py
 
 
 class _Loader(yaml.SafeLoader):
@@ -46,66 +49,30 @@ class ConfigError(ImgclfError):
     """params.yaml is missing, unreadable or has invalid values."""
 
 
-@dataclass(frozen=True)
-class Key:
-    """One leaf of params.yaml: the types it may take and the range check on its value."""
-
-    types: tuple[type, ...]
-    check: Callable[[Any], bool] = lambda v: True
-    expect: str = ""  # how the value must look, printed when `check` fails
-    nullable: bool = False
-
-
-def _conv_blocks_ok(value: list) -> bool:
-    """Blocks of positive filter counts; an empty block keeps only its pool, but some block must conv."""
-    return all(isinstance(b, list) and _dense_ok(b) for b in value) and any(value)
-
-
-def _per_block_ok(value: int | list) -> bool:
-    """One positive size for every block, or a list of one per block (length checked across keys)."""
-    return _dense_ok(value) and bool(value) if isinstance(value, list) else value >= 1
-
-
-def _dense_ok(value: list) -> bool:
-    return all(_is_int(x) and x > 0 for x in value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-INT, NUM, STR, LIST, BOOL = (int,), (int, float), (str,), (list,), (bool,)
-INT_OR_LIST = (int, list)
-
-SCHEMA: dict[str, Any] = {
+BASE_SCHEMA: dict[str, Any] = {
     "seed": Key(INT, lambda v: v >= 0, ">= 0"),
     "data": {
-        "dataset": Key(STR, lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
         "path": Key(STR, lambda v: bool(v.strip()), "a non-empty path or null", nullable=True),
-        "dev_fraction": Key(NUM, lambda v: 0 < v < 1, "in (0, 1)"),
+        "dev_fraction": Key(NUM, finite(0, 1), "in (0, 1)"),
         "max_train_samples": Key(INT, lambda v: v >= 20, ">= 20 or null", nullable=True),
+        "image_size": Key(INT, lambda v: 8 <= v <= 1024, "in 8..1024"),
     },
-    "model": {
-        "input_scale": Key(NUM, lambda v: math.isfinite(v) and v > 0, "> 0"),
-        "conv_blocks": Key(LIST, _conv_blocks_ok, "a list of lists of positive ints, at least one non-empty"),
-        "kernel_size": Key(INT_OR_LIST, _per_block_ok, ">= 1, or a list of those, one per block"),
-        "pool_size": Key(INT_OR_LIST, _per_block_ok, ">= 1, or a list of those, one per block"),
-        "conv_dropout": Key(BOOL),
-        "dense_units": Key(LIST, _dense_ok, "a list of positive ints (may be empty)"),
-    },
+    "model": {},
     "train": {
-        "learning_rate": Key(NUM, lambda v: math.isfinite(v) and v > 0, "> 0"),
         "training_epochs": Key(INT, lambda v: v >= 1, ">= 1"),
         "batch_size": Key(INT, lambda v: v >= 1, ">= 1"),
-        "regularization_strength": Key(NUM, lambda v: math.isfinite(v) and v >= 0, ">= 0"),
-        "keep_prob": Key(NUM, lambda v: 0 < v <= 1, "in (0, 1]"),
         "early_stopping": {
-            "monitor": Key(STR, lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}"),
+            "monitor": one_of(MONITORS),
             "patience": Key(INT, lambda v: v >= 0, ">= 0"),
         },
-        "mixed_precision": Key(STR, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+        "mixed_precision": one_of(PRECISIONS),
         "jit_compile": Key(BOOL),
-        "distribute": Key(STR, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+        "distribute": one_of(STRATEGIES),
+        "tf32": Key(BOOL),
+        "stop_on_collapse": Key(BOOL),
+    },
+    "evaluate": {
+        "tta": one_of(TTA),
     },
     "tracking": {
         "experiment": Key(STR, lambda v: bool(v.strip()), "a non-empty name"),
@@ -115,63 +82,37 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {INT: "an integer", NUM: "a number", STR: "a string", LIST: "a list", BOOL: "true/false",
-             INT_OR_LIST: "an integer or a list"}
-    return names.get(
-        types, "/".join(t.__name__ for t in types)
-    )
+def _merge(into: dict, keys: dict) -> None:
+    for name, spec in keys.items():
+        if isinstance(spec, dict) and isinstance(into.get(name), dict):
+            _merge(into[name], spec)
+        else:
+            into[name] = spec
 
 
-def _has_type(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in types
-    return isinstance(value, types)
-
-
-def _validate(node: dict, schema: dict, prefix: str, problems: list[str]) -> None:
-    """Append one message per problem under `node` (recursing into sections) to `problems`."""
-    for key in node:
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            problems.append(f"{prefix}{key}: unknown key{hint}")
-    for key, spec in schema.items():
-        name = f"{prefix}{key}"
-        if key not in node:
-            problems.append(f"{name}: missing")
-            continue
-        value = node[key]
-        if isinstance(spec, dict):
-            if isinstance(value, dict):
-                _validate(value, spec, f"{name}.", problems)
-            else:
-                problems.append(f"{name}: must be a section (a mapping), got {value!r}")
-        elif value is None:
-            if not spec.nullable:
-                problems.append(f"{name}: must be {_type_name(spec.types)}, got null")
-        elif not _has_type(value, spec.types):
-            problems.append(f"{name}: must be {_type_name(spec.types)}, got {value!r}")
-        elif not spec.check(value):
-            problems.append(f"{name}={value!r}: must be {spec.expect}")
+def schema() -> dict[str, Any]:
+    """BASE_SCHEMA plus the registered names and every plug-in's own keys."""
+    full = copy.deepcopy(BASE_SCHEMA)
+    full["data"]["dataset"] = one_of(sources.REGISTRY.names())
+    full["model"]["arch"] = one_of(families.REGISTRY.names())
+    for _, family in families.REGISTRY.items():
+        _merge(full, family.params)
+    return full
 
 
 def _cross_check(params: dict, problems: list[str]) -> None:
-    """Rules spanning keys: per-block lists must have one entry per conv block."""
-    model = params["model"]
-    for key in ("kernel_size", "pool_size"):
-        value = model[key]
-        if isinstance(value, list) and len(value) != len(model["conv_blocks"]):
-            problems.append(f"model.{key}={value}: needs one entry per block of model.conv_blocks "
-                            f"({len(model['conv_blocks'])}), or a single integer")
+    """Rules spanning keys, from the chosen source and every model family."""
+    problems += sources.REGISTRY.get(params["data"]["dataset"]).check(params["data"])
+    for _, family in families.REGISTRY.items():
+        problems += family.check(params)
 
 
 def validate(params: Any, source: str = PARAMS_FILE) -> dict:
-    """Return `params` if it matches SCHEMA, else raise one ConfigError listing every problem."""
+    """Return `params` if it matches the schema, else raise one ConfigError listing every problem."""
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: must be a YAML mapping of sections, got {type(params).__name__}")
     problems: list[str] = []
-    _validate(params, SCHEMA, "", problems)
+    check_node(params, schema(), "", problems)
     if not problems:
         _cross_check(params, problems)
     if problems:
@@ -199,7 +140,7 @@ def apply_overrides(params: dict, overrides: list[str]) -> dict:
 
 
 def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> dict:
-    """Load params.yaml, apply overrides and validate; every stage calls this first."""
+    """Load params.yaml, apply overrides and validate; the CLI calls this before every stage."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -214,15 +155,3 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> di
     if overrides and isinstance(params, dict):
         apply_overrides(params, list(overrides))
     return validate(params, str(path))
-
-
-def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'keep_prob': 0.6}} -> {'train.keep_prob': 0.6}, for logging and overrides."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat

@@ -9,13 +9,13 @@ chief writes outputs and logs to MLflow: the others get a NullTracker and write 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from typing import Iterator
 
-from imgclf.config import STRATEGIES
-from imgclf.io import ImgclfError
+from imgclf.errors import ImgclfError
+
+# The Keras internals patch_keras_for_multi_worker replaces, as Keras 3.15 has them.
+KERAS_INTERNALS = ("_symbolic_build", "_maybe_symbolic_build", "train_step")
 
 
 def make_strategy(name: str):
@@ -35,7 +35,7 @@ def make_strategy(name: str):
     if name == "multi_worker":
         _check_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ImgclfError(f"train.distribute={name!r}: unknown; use one of {', '.join(STRATEGIES)}")
+    raise ImgclfError(f"train.distribute={name!r}: unknown; use none, mirrored or multi_worker")
 
 
 def _check_tf_config() -> None:
@@ -77,6 +77,19 @@ def check_same_start(strategy, first_epoch: int) -> None:
         )
 
 
+def check_keras_internals(model) -> None:
+    """One line naming the Keras version when the private methods the multi-worker patch replaces moved."""
+    import keras
+
+    missing = [name for name in KERAS_INTERNALS if not callable(getattr(model, name, None))]
+    if missing:
+        raise ImgclfError(
+            f"train.distribute=multi_worker patches Keras internals ({', '.join(missing)}) that Keras "
+            f"{keras.__version__} no longer has (written for Keras 3.15); use train.distribute=none or mirrored, "
+            "or the Keras version requirements.lock pins"
+        )
+
+
 def patch_keras_for_multi_worker(model, x, y) -> None:
     """Work around Keras 3 failing every fit() under MultiWorkerMirroredStrategy (keras-team/keras#20585).
 
@@ -85,42 +98,13 @@ def patch_keras_for_multi_worker(model, x, y) -> None:
     (PerReplica...)"); (2) each step's scalar logs are mean-reduced along axis 0 ("Invalid reduction
     dimension 0 for input with 0 dimensions"). So: build loss, metrics and optimizer from one local
     batch in the strategy's scope (what step 1 is for) and skip step 1; give the logs one axis. Only
-    this model instance is changed, and only under multi_worker.
+    this model instance is changed; train() calls this under train.distribute=multi_worker only.
     """
     import tensorflow as tf
 
-    strategy = model.distribute_strategy
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return
-    with strategy.scope():
+    check_keras_internals(model)
+    with model.distribute_strategy.scope():
         model._symbolic_build(data_batch=(tf.cast(x[:1], tf.float32), tf.constant(y[:1])))
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
     keras_train_step = model.train_step
     model.train_step = lambda data: {k: tf.reshape(v, [1]) for k, v in keras_train_step(data).items()}
-
-
-class NullRun:
-    """The TrainingRun of a non-chief worker: the same calls, nothing logged, nothing written."""
-
-    run_id = None
-
-    def log_missing_epochs(self, history: list[dict]) -> None:
-        """Nothing to re-log: the chief logs every epoch."""
-
-    def epoch_callback(self):
-        """A callback that does nothing (the chief's EpochLogger logs the epoch)."""
-        import keras
-
-        return keras.callbacks.Callback()
-
-    def log_training_end(self, summary: dict, model, reports_dir) -> None:
-        """The chief logs the model and reports."""
-
-
-class NullTracker:
-    """tracking.Tracker for non-chief workers: never connects to MLflow, never creates a store."""
-
-    @contextlib.contextmanager
-    def training_run(self, *args, **kwargs) -> Iterator[NullRun]:
-        """Same signature as Tracker.training_run; yields a NullRun."""
-        yield NullRun()

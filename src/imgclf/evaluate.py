@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import csv
-import io as _io
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 
-from imgclf.data import PREPARED_DIR, load_prepared
-from imgclf.io import atomic_write, read_json, write_json
+from imgclf import modelfile
+from imgclf.files import atomic_write, read_json, write_json
 from imgclf.metrics import classification_metrics
-from imgclf.train import MODEL_PATH, REPORTS_DIR
+from imgclf.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDICTIONS, METRICS_JSON, MODEL_PATH,
+                          PREPARED_DIR, REPORTS_DIR, RUN_INFO, TRAIN_SUMMARY)
+from imgclf.prepared import load_prepared
+from imgclf.tta import predict_logits
 
 SUMMARY_KEYS = ("f1_macro", "accuracy", "loss", "count")
-TRAIN_KEYS = ("epochs_run", "early_stopped", "stopped_epoch", "best_epoch", "best_loss")
-
-
-def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits for uint8 images; the model scales raw pixels itself."""
-    return model.predict(x.astype(np.float32), batch_size=batch_size, verbose=0)
+TRAIN_KEYS = ("epochs_run", "early_stopped", "stopped_epoch", "best_epoch", "best_loss", "collapsed",
+              "stop_reason")
+PER_CLASS = "f1_per_class"  # MLflow groups `dev_f1_per_class/<class>` in a chart section of its own
 
 
 def plot_confusion(results: dict, classes: list[str], path: Path) -> None:
@@ -48,7 +48,7 @@ def plot_confusion(results: dict, classes: list[str], path: Path) -> None:
 
 def write_predictions(y_true: np.ndarray, logits: np.ndarray, classes: list[str], path: Path) -> None:
     """actual,predicted class names per dev image: the data of DVC's confusion-matrix plot."""
-    buf = _io.StringIO()
+    buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["actual", "predicted"])
     writer.writerows((classes[a], classes[p]) for a, p in zip(y_true, logits.argmax(axis=1)))
@@ -60,55 +60,60 @@ def mlflow_metric_name(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.\-/ ]", "_", text)
 
 
-def log_to_mlflow(run_id: str, results: dict, classes: list[str], step: int, reports_dir: Path) -> None:
-    """Final F1/accuracy per split and per-class dev F1, at the last epoch's step, plus the plots."""
+def final_metrics(results: dict, classes: list[str]) -> dict[str, float]:
+    """`<split>_f1_macro`, `<split>_accuracy` and `<split>_f1_per_class/<class>` for every evaluated split."""
+    final = {f"{split}_{key}": res[key] for split, res in results.items() for key in ("f1_macro", "accuracy")}
+    for split, res in results.items():
+        final.update({f"{split}_{PER_CLASS}/{mlflow_metric_name(c)}": res["per_class"][c]["f1"] for c in classes})
+    return final
+
+
+def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str], train: dict, tta: str,
+                  reports_dir: Path) -> None:
+    """Final metrics at the last epoch's step and the reports, into the run that trained the model."""
     import mlflow
 
-    from imgclf.tracking import Tracker
-
-    with Tracker.reopen(run_id):
-        final = {f"{split}_{key}": res[key] for split, res in results.items() for key in ("f1_macro", "accuracy")}
-        final.update({f"dev_f1_{mlflow_metric_name(c)}": results["dev"]["per_class"][c]["f1"] for c in classes})
-        mlflow.log_metrics(final, step=step)
-        for name in ("confusion_matrix.png", "metrics.json", "classification_report.json"):
+    with tracker.evaluation_run(run_id, train["weights_sha256"], tta):
+        mlflow.log_metrics(final_metrics(results, classes), step=train["epochs_run"])
+        for name in (CONFUSION_PNG, METRICS_JSON, CLASSIFICATION_REPORT):
             mlflow.log_artifact(str(reports_dir / name))
 
 
-def evaluate(prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
-             reports_dir: str | Path = REPORTS_DIR) -> dict:
-    """Score the trained model on dev (and test), write metrics and plots, close the MLflow run."""
-    from imgclf.model import load_model
-    from imgclf.tracking import configure
+def training_run_id(reports_dir: Path, train: dict) -> str | None:
+    """The MLflow run that trained this very model, from the untracked reports/run.json, if it is there."""
+    path = reports_dir / RUN_INFO
+    info = read_json(path, "run info") if path.is_file() else {}
+    return info.get("mlflow_run_id") if info.get("weights_sha256") == train["weights_sha256"] else None
 
-    reports_dir = Path(reports_dir)
-    trained = read_json(reports_dir / "train.json", "training summary")
-    configure()
+
+def evaluate(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
+             reports_dir: str | Path = REPORTS_DIR) -> dict:
+    """Score the trained model on dev (and test) under evaluate.tta, write metrics and plots, close the MLflow run."""
+    from imgclf.tracking import Tracker
+
+    reports_dir, tta = Path(reports_dir), params["evaluate"]["tta"]
+    trained = read_json(reports_dir / TRAIN_SUMMARY, "training summary")
+    tracker = Tracker.connect(params["tracking"])
     splits, manifest = load_prepared(prepared_dir)
     classes = manifest["classes"]
-    model = load_model(str(model_path))
-    results, dev_logits = {}, None
-    for split in ("dev", "test"):
-        if split in splits:
-            x, y = splits[split]
-            logits = predict_logits(model, x)
-            dev_logits = logits if split == "dev" else dev_logits
-            results[split] = classification_metrics(y, logits, classes)
+    model = modelfile.load(model_path)
+    logits = {split: predict_logits(model, splits[split][0], tta) for split in ("dev", "test") if split in splits}
+    results = {split: classification_metrics(splits[split][1], out, classes) for split, out in logits.items()}
     metrics = {split: {k: res[k] for k in SUMMARY_KEYS} for split, res in results.items()}
     metrics["train"] = {k: trained[k] for k in TRAIN_KEYS}
-    metrics["mlflow_run_id"] = trained["mlflow_run_id"]
-    write_json(reports_dir / "classification_report.json", results)
-    write_predictions(splits["dev"][1], dev_logits, classes, reports_dir / "dev_predictions.csv")
-    plot_confusion(results, classes, reports_dir / "confusion_matrix.png")
-    write_json(reports_dir / "metrics.json", metrics)
-    log_to_mlflow(trained["mlflow_run_id"], results, classes, trained["epochs_run"], reports_dir)
+    write_json(reports_dir / CLASSIFICATION_REPORT, results)
+    write_predictions(splits["dev"][1], logits["dev"], classes, reports_dir / DEV_PREDICTIONS)
+    plot_confusion(results, classes, reports_dir / CONFUSION_PNG)
+    write_json(reports_dir / METRICS_JSON, metrics)
+    log_to_mlflow(tracker, training_run_id(reports_dir, trained), results, classes, trained, tta, reports_dir)
     return metrics
 
 
 def main(params: dict) -> dict:
     """Entry point of `imgclf evaluate` (the DVC evaluate stage)."""
-    del params  # validated by the caller; evaluation reads no params section
-    metrics = evaluate()
+    tta = params["evaluate"]["tta"]
+    metrics = evaluate(params)
     line = ", ".join(f"{s} macro-F1 {metrics[s]['f1_macro']:.4f} acc {metrics[s]['accuracy']:.4f}"
                      for s in ("dev", "test") if s in metrics)
-    print(f"Evaluated: {line}; metrics -> {REPORTS_DIR}/metrics.json")
+    print(f"Evaluated (tta: {tta}): {line}; metrics -> {REPORTS_DIR}/{METRICS_JSON}")
     return metrics

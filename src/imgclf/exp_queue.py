@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf.io import ImgclfError
+from imgclf.errors import ImgclfError
 
 POLL_SECONDS = 2.0      # how often DVC's queue status is read
 GRACE_SECONDS = 15.0    # how long "work left but no live worker" may last before we restart or give up
@@ -78,19 +78,6 @@ def start_workers(root: Path, count: int) -> None:
     raise ImgclfError(f"`dvc queue start` failed: {last_line(proc)}; see `dvc queue status`")
 
 
-def queue_status(root: Path) -> dict[str, tuple[str, str]] | None:
-    """{experiment name: (DVC status, stash rev)} as `dvc queue status` lists them, without its worker
-    inspection; None when the queue could not be read this time (a worker was rewriting it)."""
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(root)) as repo:
-            return {e["name"]: (e["status"], e["rev"]) for e in repo.experiments.celery_queue.status()}
-    except Exception as exc:  # noqa: BLE001 - retried at the next poll, bounded by the caller
-        print(f"could not read DVC's queue this time ({type(exc).__name__}: {exc}); retrying", file=sys.stderr)
-        return None
-
-
 def process_state(info_file: Path) -> str | None:
     """A dvc-task process from its info file: None (no file yet), "running", "ended" (its exit code is
     recorded) or "died" (gone with no exit code: whatever was waiting on it, a queue worker, died too)."""
@@ -117,18 +104,53 @@ def pid_running(pid: int) -> bool:
         return True
 
 
-def workers_alive(root: Path) -> bool:
-    return any(process_state(f) == "running" for f in (root / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json"))
+class DvcQueue:
+    """Everything this module reads of DVC's internals, in one place: the queue's status and the files
+    dvc-task keeps per process. DVC documents none of it (as DVC 3.67 has it); the constructor fails
+    with one line naming the DVC version if it moved."""
+
+    def __init__(self, root: Path):
+        import dvc
+
+        try:
+            from dvc.repo.experiments.queue.celery import LocalCeleryQueue
+            from dvc.repo.experiments.utils import EXEC_PID_DIR, EXEC_TMP_DIR
+
+            assert callable(LocalCeleryQueue.status)
+            celery_dir = LocalCeleryQueue.CELERY_DIR
+        except (ImportError, AttributeError, AssertionError):
+            raise ImgclfError(
+                f"imgclf experiments reads DVC's experiment queue internals (written for DVC 3.67), which DVC "
+                f"{dvc.__version__} moved; queue by hand (`dvc exp run --queue`, `dvc queue start`) or install "
+                "the DVC version requirements.lock pins"
+            ) from None
+        self.root = root
+        self.exps = root / ".dvc" / "tmp" / EXEC_TMP_DIR
+        self.runs, self.celery = self.exps / EXEC_PID_DIR, self.exps / celery_dir
+
+    def status(self) -> dict[str, tuple[str, str]] | None:
+        """{experiment name: (DVC status, stash rev)} as `dvc queue status` lists them, without its worker
+        inspection; None when the queue could not be read this time (a worker was rewriting it)."""
+        from dvc.repo import Repo
+
+        try:
+            with Repo(str(self.root)) as repo:
+                return {e["name"]: (e["status"], e["rev"]) for e in repo.experiments.celery_queue.status()}
+        except Exception as exc:  # noqa: BLE001 - retried at the next poll, bounded by the caller
+            print(f"could not read DVC's queue this time ({type(exc).__name__}: {exc}); retrying", file=sys.stderr)
+            return None
+
+    def workers_alive(self) -> bool:
+        return any(process_state(f) == "running" for f in self.celery.glob("dvc-exp-worker-*.json"))
+
+    def run_file(self, job: Job, suffix: str) -> Path:
+        """A file dvc-task keeps for the experiment's process: `.out` (its log) or `.json` (its process info)."""
+        return self.runs / job.rev / f"{job.rev}{suffix}"
 
 
-def run_file(root: Path, job: Job, suffix: str) -> Path:
-    """A file dvc-task keeps for the experiment's process: `.out` (its log) or `.json` (its process info)."""
-    return root / ".dvc/tmp/exps/run" / job.rev / f"{job.rev}{suffix}"
-
-
-def stream_log(root: Path, job: Job, final: bool = False) -> None:
+def stream_log(queue: DvcQueue, job: Job, final: bool = False) -> None:
     """Print the experiment's new complete log lines (all of it when `final`), each under its label."""
-    log = run_file(root, job, ".out")
+    log = queue.run_file(job, ".out")
     if not job.rev or not log.is_file():
         return
     with log.open("rb") as fh:
@@ -141,16 +163,16 @@ def stream_log(root: Path, job: Job, final: bool = False) -> None:
     job.log_offset += end
 
 
-def update(root: Path, job: Job, state: tuple[str, str] | None, now: float) -> None:
+def update(queue: DvcQueue, job: Job, state: tuple[str, str] | None, now: float) -> None:
     """Move one unfinished job along from DVC's view of it."""
     status, job.rev = state or (job.status, job.rev)
-    stream_log(root, job, final=status in ("Success", "Failed"))
-    if status == "Failed" and not run_file(root, job, ".out").exists() and job.retries < SETUP_RETRIES:
+    stream_log(queue, job, final=status in ("Success", "Failed"))
+    if status == "Failed" and not queue.run_file(job, ".out").exists() and job.retries < SETUP_RETRIES:
         print(f"[{job.label}] failed in DVC's setup, before its pipeline ran; queueing it again", flush=True)
         job.retries += 1
-        enqueue(root, job)
+        enqueue(queue.root, job)
         return
-    state_now = process_state(run_file(root, job, ".json")) if status == "Running" else None
+    state_now = process_state(queue.run_file(job, ".json")) if status == "Running" else None
     if state_now in ("ended", "died"):
         job.ended_at = job.ended_at or now
         # "ended": DVC is collecting the results. "died": the worker waiting on it died, so nobody will.
@@ -161,21 +183,22 @@ def update(root: Path, job: Job, state: tuple[str, str] | None, now: float) -> N
     job.status = status
 
 
-def watch(root: Path, jobs: list[Job], workers: int) -> list[Job]:
+def watch(queue: DvcQueue, jobs: list[Job], workers: int) -> list[Job]:
     """Run the queue until every job succeeded, failed or was lost; returns those that did not succeed."""
+    root = queue.root
     start_workers(root, workers)
     restarts, no_worker_since, unreadable = 0, None, 0
     while unfinished := [j for j in jobs if j.unfinished]:
         time.sleep(POLL_SECONDS)
-        states, now = queue_status(root), time.monotonic()
+        states, now = queue.status(), time.monotonic()
         unreadable = 0 if states is not None else unreadable + 1
         if states is None:
             if unreadable * POLL_SECONDS > UNREADABLE_SECONDS:
                 raise ImgclfError("DVC's experiment queue stayed unreadable; see `dvc queue status`")
             continue
         for job in unfinished:
-            update(root, job, states.get(job.name), now)
-        if workers_alive(root) or not any(j.unfinished for j in jobs):
+            update(queue, job, states.get(job.name), now)
+        if queue.workers_alive() or not any(j.unfinished for j in jobs):
             no_worker_since = None
             continue
         no_worker_since = no_worker_since or now
@@ -196,11 +219,12 @@ def watch(root: Path, jobs: list[Job], workers: int) -> list[Job]:
 
 def run(root: Path, jobs: list[Job], workers: int) -> list[Job]:
     """Queue every job, run them with `workers` DVC queue workers; returns the jobs that did not succeed."""
+    queue = DvcQueue(root)
     for job in jobs:
         enqueue(root, job)
     print(f"Queued {len(jobs)} experiments; running them with {workers} worker(s)", flush=True)
     try:
-        return watch(root, jobs, workers)
+        return watch(queue, jobs, workers)
     except KeyboardInterrupt:
         print("imgclf experiments: stopped watching; queued experiments go on in the background: "
               "`dvc queue status`, `dvc queue kill`", file=sys.stderr)

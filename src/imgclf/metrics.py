@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+# What training logs per epoch (MLflow, step = epoch), in the order MLflow shows them.
+EPOCH_METRICS = ("loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
+                 "early_stopping_wait", "epoch_seconds")
+# reports/history.csv: the same less wall time, so a rerun on the same machine writes the same bytes.
+HISTORY_COLUMNS = ("epoch", *(m for m in EPOCH_METRICS if m != "epoch_seconds"))
+
 
 def f1_macro(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """The report's "f1 score": scikit-learn's macro F1 over every class, absent ones scoring 0."""

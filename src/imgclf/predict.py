@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data import PREPARED_DIR, load_image
-from imgclf.io import ImgclfError, read_json
-from imgclf.train import MODEL_PATH
+from imgclf import modelfile
+from imgclf.errors import ImgclfError
+from imgclf.files import read_json
+from imgclf.images import load_image
+from imgclf.paths import MANIFEST, MODEL_PATH, PREPARED_DIR
+from imgclf.tta import predict_logits
 
 
 def load_run_model(run_id: str):
@@ -20,7 +23,7 @@ def load_run_model(run_id: str):
     configure()
     try:
         model = mlflow.keras.load_model(f"runs:/{run_id}/model")
-        manifest = mlflow.artifacts.load_dict(f"runs:/{run_id}/data/manifest.json")
+        manifest = mlflow.artifacts.load_dict(f"runs:/{run_id}/data/{MANIFEST}")
     except mlflow.exceptions.MlflowException as exc:
         raise run_failure(run_id, exc, "check the run id in `mlflow ui`") from None
     return model, manifest["classes"]
@@ -28,12 +31,10 @@ def load_run_model(run_id: str):
 
 def load_local_model(model_path: str | Path):
     """A saved .keras model, and the class names from the prepared data's manifest."""
-    from imgclf.model import load_model
-
     if not Path(model_path).is_file():
         raise ImgclfError(f"{model_path}: no model there; run `make run` (or `dvc repro`) or pass --model/--run")
-    classes = read_json(Path(PREPARED_DIR) / "manifest.json", "data manifest")["classes"]
-    return load_model(str(model_path)), classes
+    classes = read_json(Path(PREPARED_DIR) / MANIFEST, "data manifest")["classes"]
+    return modelfile.load(model_path), classes
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -41,11 +42,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def main(images: list[str], run_id: str | None = None, model_path: str | None = None) -> list[tuple[str, str, float]]:
-    """Print `image<TAB>class<TAB>probability` for each image; returns the same rows."""
+def main(images: list[str], run_id: str | None = None, model_path: str | None = None,
+         tta: str = "none") -> list[tuple[str, str, float]]:
+    """Print `image<TAB>class<TAB>probability` for each image (logits averaged over `tta`'s views)."""
     model, classes = load_run_model(run_id) if run_id else load_local_model(model_path or MODEL_PATH)
-    batch = np.stack([load_image(path) for path in images]).astype(np.float32)
-    probs = softmax(np.asarray(model.predict(batch, verbose=0), dtype=np.float64))
+    size = model.input_shape[1]  # images are converted like the folder source's: RGB, resized to the net's size
+    batch = np.stack([load_image(path, size) for path in images])
+    probs = softmax(np.asarray(predict_logits(model, batch, tta), dtype=np.float64))
     rows = [(path, classes[int(p.argmax())], float(p.max())) for path, p in zip(images, probs)]
     for path, name, prob in rows:
         print(f"{path}\t{name}\t{prob:.4f}")

@@ -6,8 +6,9 @@ import tempfile
 from pathlib import Path
 
 from imgclf.config import parse_yaml, validate
-from imgclf.data import PREPARED_DIR, load_prepared
-from imgclf.io import ImgclfError
+from imgclf.errors import ImgclfError
+from imgclf.paths import PARAMS_FILE, PREPARED_DIR
+from imgclf.prepared import load_prepared
 
 # Tags whose difference explains a DIFF: see tracking.environment_tags.
 ENV_TAGS = ("python_version", "tensorflow_version", "keras_version", "numpy_version", "platform", "device",
@@ -22,13 +23,13 @@ def fetch_run(client, run_id: str):
 
     try:
         run = client.get_run(run_id)
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/params.yaml")
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{PARAMS_FILE}")
     except mlflow.exceptions.MlflowException as exc:
         raise run_failure(run_id, exc, "check the id in `mlflow ui`") from None
     for tag in ("weights_sha256", "data_digest"):
         if tag not in run.data.tags:
             raise TrackingError(f"MLflow run {run_id} has no {tag} tag: it did not finish training; pick another run")
-    return run, validate(parse_yaml(text), f"params.yaml of run {run_id}")
+    return run, validate(parse_yaml(text), f"{PARAMS_FILE} of run {run_id}")
 
 
 def check_same_data(run, prepared_dir: str | Path) -> None:

@@ -19,7 +19,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import keras
 import mlflow
@@ -32,9 +32,9 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_TIMEOUT,
 )
 
-from imgclf.callbacks import EPOCH_METRICS
-from imgclf.config import flatten
-from imgclf.io import ImgclfError
+from imgclf.errors import ImgclfError
+from imgclf.metrics import EPOCH_METRICS
+from imgclf.paths import HISTORY_CSV, LOSS_PNG, MLFLOW_DB, MLRUNS_DIR
 
 KILLED_BY = (KeyboardInterrupt, SystemExit)
 # What a failing tracking store raises: MLflow's own errors (HTTP failures after the retries come
@@ -67,7 +67,7 @@ def tracking_uri() -> tuple[str, bool]:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri, False
-    return f"sqlite:///{repo_root() / 'mlflow.db'}", True
+    return f"sqlite:///{repo_root() / MLFLOW_DB}", True
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -152,6 +152,18 @@ def store_errors(then: str) -> Iterator[None]:
         raise store_failure(exc, then) from None
 
 
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'keep_prob': 0.6}} -> {'train.keep_prob': 0.6}: params as MLflow logs them."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def git_facts(root: Path) -> dict[str, str]:
     """Commit and dirty flag of the repo (tracked files only), or 'unknown' outside git."""
     def git(*args: str) -> str:
@@ -232,7 +244,7 @@ class Tracker:
         with store_lock(uri), store_errors("rerun"):  # the lock: two new runs must not both create it
             experiment = mlflow.get_experiment_by_name(name)
             if experiment is None:
-                artifacts = (repo_root() / "mlruns").as_uri() if is_default else None
+                artifacts = (repo_root() / MLRUNS_DIR).as_uri() if is_default else None
                 return cls(mlflow.create_experiment(name, artifact_location=artifacts), tracking_cfg["register_model"])
         return cls(experiment.experiment_id, tracking_cfg["register_model"])
 
@@ -261,17 +273,45 @@ class Tracker:
             return mlflow.start_run()
         return mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
 
-    @staticmethod
     @contextlib.contextmanager
-    def reopen(run_id: str) -> Iterator[str]:
-        """Resume the training run for evaluation; ends it FINISHED, FAILED or KILLED."""
+    def evaluation_run(self, run_id: str | None, weights_sha256: str, tta: str) -> Iterator[str]:
+        """The run that trained this model, reopened for its evaluation; it ends FINISHED, FAILED or KILLED.
+
+        A new run (tagged `evaluation_of` and `weights_sha256`) instead when this machine has no record of
+        the training run (reports/run.json), or the run logged another `evaluate.tta`: a run's params
+        must describe its metrics.
+        """
+        reopen = self._evaluates_as_trained(run_id, tta)
         try:
-            mlflow.start_run(run_id=run_id)
+            if reopen:
+                mlflow.start_run(run_id=run_id)
+            else:
+                mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
+                mlflow.set_tags({"weights_sha256": weights_sha256, "evaluation_of": run_id or "unknown"})
+                mlflow.log_param("evaluate.tta", tta)
         except mlflow.exceptions.MlflowException as exc:
-            fix = "rerun the evaluate stage" if unreachable(exc) else "rerun the train stage"
-            raise run_failure(run_id, exc, fix) from None
+            raise run_failure(run_id or "(new)", exc, "rerun the evaluate stage") from None
         with _ends_active_run("rerun the evaluate stage"):
-            yield run_id
+            yield mlflow.active_run().info.run_id
+
+    @staticmethod
+    def _evaluates_as_trained(run_id: str | None, tta: str) -> bool:
+        """Whether the evaluation belongs in training run `run_id` (it exists and logged this evaluate.tta)."""
+        if run_id is None:
+            print("No record of the MLflow run that trained this model (reports/run.json): logging the "
+                  "evaluation into a new run")
+            return False
+        try:
+            logged = mlflow.tracking.MlflowClient().get_run(run_id).data.params.get("evaluate.tta", tta)
+        except mlflow.exceptions.MlflowException as exc:
+            if unreachable(exc):
+                raise store_failure(exc, "rerun the evaluate stage") from None
+            print(f"MLflow run {run_id} is not in this store: logging the evaluation into a new run")
+            return False
+        if logged != tta:
+            print(f"evaluate.tta={tta} differs from training run {run_id}'s ({logged}): logging the evaluation "
+                  "into a new run")
+        return logged == tta
 
 
 class TrainingRun:
@@ -311,18 +351,47 @@ class TrainingRun:
         return EpochLogger()
 
     def log_training_end(self, summary: dict, model, reports_dir: Path) -> None:
-        """Early-stop facts (params, tags and a metric point at the stop), artifacts and the model."""
-        early = {k: summary[k] for k in ("early_stopped", "stopped_epoch", "best_epoch", "best_loss")}
-        mlflow.log_params(early)
-        mlflow.set_tags({**{k: str(v) for k, v in early.items()}, "weights_sha256": summary["weights_sha256"],
+        """How training ended (params, tags and a metric point at an early stop), artifacts and the model."""
+        ended = {k: summary[k] for k in ("early_stopped", "stopped_epoch", "best_epoch", "best_loss", "stop_reason")}
+        mlflow.log_params(ended)
+        mlflow.set_tags({**{k: str(v) for k, v in ended.items()}, "weights_sha256": summary["weights_sha256"],
                          "early_stopping_monitor": summary["monitor"],
                          "early_stopping_patience": str(summary["patience"])})
         if summary["early_stopped"]:
             mlflow.log_metric("early_stopped", 1.0, step=summary["stopped_epoch"])
+        mlflow.set_tag("collapsed", str(summary["collapsed"]).lower())
+        if summary["collapsed"]:
+            mlflow.set_tag("collapsed_epoch", str(summary["collapsed_epoch"]))
+            mlflow.log_metric("collapsed", 1.0, step=summary["collapsed_epoch"])
         mlflow.log_metrics({"epochs_run": summary["epochs_run"], "train_seconds": summary["train_seconds"]})
-        for name in ("history.csv", "loss.png"):
+        for name in (HISTORY_CSV, LOSS_PNG):
             mlflow.log_artifact(str(reports_dir / name))
         log_keras_model(model, self.register_as)
+
+
+class NullRun:
+    """The TrainingRun of a non-chief multi-worker: the same calls, nothing logged, nothing written."""
+
+    run_id = None
+
+    def log_missing_epochs(self, history: list[dict]) -> None:
+        """Nothing to re-log: the chief logs every epoch."""
+
+    def epoch_callback(self):
+        """A callback that does nothing (the chief's EpochLogger logs the epoch)."""
+        return keras.callbacks.Callback()
+
+    def log_training_end(self, summary: dict, model, reports_dir) -> None:
+        """The chief logs the model and reports."""
+
+
+class NullTracker:
+    """Tracker for non-chief workers: never connects to MLflow, never creates a store."""
+
+    @contextlib.contextmanager
+    def training_run(self, *args, **kwargs) -> Iterator[NullRun]:
+        """Same signature as Tracker.training_run; yields a NullRun."""
+        yield NullRun()
 
 
 def _prepared_dataset(manifest: dict):

@@ -1,4 +1,5 @@
-"""The report's net: exact parameter count, the L2 factor, dropout placement, raw-pixel input."""
+"""The report family (imgclf.families.report): exact parameter count, the L2 factor, dropout placement,
+raw-pixel input, its own params keys."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import tensorflow as tf
 import yaml
 
 from conftest import REPO
-from imgclf.io import ImgclfError
-from imgclf.model import build_model, compile_model, load_model
+from imgclf.errors import ImgclfError
+from imgclf.families.report import build_model, compile_model
+from imgclf.modelfile import load as load_model
+from imgclf.modelfile import save as save_model
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -84,7 +87,7 @@ def test_model_takes_raw_pixels_and_saves_round_trip(tmp_path):
     model = build_model(params["model"], params["train"], 10)
     assert model.layers[1].name == "input_scale" and model.layers[1].scale == pytest.approx(1 / 255)
     x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
-    model.save(tmp_path / "m.keras")
+    save_model(model, tmp_path / "m.keras")
     np.testing.assert_array_equal(load_model(str(tmp_path / "m.keras"))(x), model(x))
 
 

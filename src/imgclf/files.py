@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: one error type, atomic writes, digests."""
+"""File helpers shared by every stage: atomic writes, JSON, digests."""
 
 from __future__ import annotations
 
@@ -12,32 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-
-class ImgclfError(Exception):
-    """A user-facing error: the CLI prints its one-line message and exits 2."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: raised like Ctrl-C so runs end KILLED and temp files are cleaned up."""
-
-
-_signalled: list[int] = []
-
-
-def on_interrupt_signal(signum, frame) -> None:
-    """Signal handler for SIGINT/SIGTERM: remember the signal, then raise.
-
-    The handler runs wherever the main thread happens to be; if that is a finalizer or a library's
-    broad `except`, the exception is swallowed. The remembered signal lets `raise_if_interrupted`,
-    called between training batches, raise it again.
-    """
-    _signalled.append(signum)
-    raise Interrupted()
-
-
-def raise_if_interrupted() -> None:
-    if _signalled:
-        raise Interrupted()
+from imgclf.errors import ImgclfError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -1,0 +1,194 @@
+"""Time to accuracy on the real CIFAR-10 training images: the fast family (float32 and mixed_bfloat16, several
+seeds) against the report's net, through the pipeline's own train() and evaluate().
+
+Data: ../shared/data/cifar10-train-jpg.tar.gz (the 50,000 training images as JPEG class folders), prepared
+by the pipeline's folder source into the usual seeded 45,000 / 5,000 train/dev split. Each run is a fresh
+process that calls imgclf.train.train() and imgclf.evaluate.evaluate() with a private MLflow store, then
+reads the per-epoch wall time and dev metrics back from MLflow. Results go to a JSON file as each run
+ends (--results), so a long benchmark can be stopped and resumed; the summary is printed from that file.
+
+For each configuration: per-epoch wall time, dev accuracy and macro-F1 per epoch, the wall time at which
+dev accuracy first reached the target (0.93), and the final dev accuracy with the preset's TTA (medians
+over seeds); the report's net's dev accuracy after the same wall time (its last epoch that ended within
+it); and FLOPs per trained image of both nets (6 x the multiply-adds of a forward pass).
+
+    python benchmarks/time_to_accuracy.py                    # every run of RUNS not yet in the results
+    python benchmarks/time_to_accuracy.py --only fast-bf16   # one configuration
+    python benchmarks/time_to_accuracy.py --summary          # print the table from the results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from common import REPO, measure_child
+
+DATA = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
+CACHE = REPO / "benchmarks" / ".cache"  # git-ignored: the extracted images and prepared arrays
+TARGET = 0.93
+FAST = {"model.arch": "fast", "train.batch_size": 1024, "train.training_epochs": 10,
+        "train.early_stopping.monitor": "none", "evaluate.tta": "flip_translate"}
+# name -> (params overrides, seeds)
+RUNS = {
+    "fast-bf16": (FAST | {"train.mixed_precision": "mixed_bfloat16"}, [51, 52]),
+    "fast-float32": (FAST, [51, 52]),
+    "report": ({"train.training_epochs": 12}, [51]),
+}
+
+
+def prepared_dir() -> Path:
+    """CACHE/prepared: the shared images through the folder source (extracted and prepared once)."""
+    out = CACHE / "prepared"
+    if (out / "manifest.json").is_file():
+        return out
+    if not DATA.is_file():
+        raise SystemExit(f"{DATA}: not found; this benchmark needs the shared CIFAR-10 images")
+    images = CACHE / "images"
+    if not (images / "train").is_dir():
+        with tarfile.open(DATA) as tar:
+            tar.extractall(images, filter="data")
+    from imgclf.config import load_params
+    from imgclf.prepare import prepare
+
+    params = load_params(REPO / "params.yaml", ["data.dataset=folder", f"data.path={images}"])
+    prepare(params, out)
+    return out
+
+
+def forward_macs(model) -> int:
+    """Multiply-adds of one image's forward pass through the conv and dense layers."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            h, w, c_out = layer.output.shape[1:]
+            total += h * w * c_out * layer.kernel.shape[0] * layer.kernel.shape[1] * layer.kernel.shape[2]
+        elif isinstance(layer, keras.layers.Dense):
+            total += layer.kernel.shape[0] * layer.kernel.shape[1]
+    return total
+
+
+def child(config: str, seed: int, prepared: str) -> dict:
+    """One training run of the pipeline in this fresh process; its per-epoch history and final metrics."""
+    import os
+
+    overrides, _ = RUNS[config]
+    with tempfile.TemporaryDirectory(prefix="imgclf-tta-bench-") as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        from mlflow.tracking import MlflowClient
+
+        from imgclf.config import load_params
+        from imgclf.evaluate import evaluate
+        from imgclf.train import train
+
+        sets = [f"{k}={v}" for k, v in (overrides | {"seed": seed}).items()]
+        params = load_params(REPO / "params.yaml", sets + ["data.dataset=folder", f"data.path={CACHE / 'images'}"])
+        out = Path(tmp)
+        summary = train(params, prepared, out / "model.keras", out, out / "checkpoint")
+        metrics = evaluate(params, prepared, out / "model.keras", out)
+        client = MlflowClient()
+        history = {key: {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], key)}
+                   for key in ("epoch_seconds", "dev_accuracy", "dev_f1_macro", "loss")}
+        from imgclf import modelfile
+
+        macs = forward_macs(modelfile.load(out / "model.keras"))
+    epochs = sorted(history["epoch_seconds"])
+    return {"config": config, "seed": seed, "macs": macs, "train_seconds": summary["train_seconds"],
+            "epochs": [{"epoch": e, **{k: history[k][e] for k in history}} for e in epochs],
+            "final_dev_accuracy": metrics["dev"]["accuracy"], "final_dev_f1": metrics["dev"]["f1_macro"],
+            "tta": params["evaluate"]["tta"], "device": summary["device"]}
+
+
+def time_to(epochs: list[dict], target: float) -> float | None:
+    """Wall seconds (cumulative epoch time) when dev accuracy first reached `target`, else None."""
+    elapsed = 0.0
+    for row in epochs:
+        elapsed += row["epoch_seconds"]
+        if row["dev_accuracy"] >= target:
+            return elapsed
+    return None
+
+
+def accuracy_within(epochs: list[dict], seconds: float) -> tuple[int, float] | None:
+    """(epoch, dev accuracy) of the last epoch that ended within `seconds`."""
+    elapsed, found = 0.0, None
+    for row in epochs:
+        elapsed += row["epoch_seconds"]
+        if elapsed <= seconds:
+            found = (row["epoch"], row["dev_accuracy"])
+    return found
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, spec: str = ".3f", none: str = "not reached") -> str:
+    return none if value is None else format(value, spec)
+
+
+def summary(results: list[dict]) -> str:
+    """The table printed at the end (medians over seeds)."""
+    lines = ["| configuration | seeds | s / epoch | time to dev acc >= 0.93 | final dev acc (TTA) | final dev macro-F1 "
+             "| GFLOP per trained image |", "|---|---|---|---|---|---|---|"]
+    by_config: dict[str, list[dict]] = {}
+    for r in results:
+        by_config.setdefault(r["config"], []).append(r)
+    for config, runs in by_config.items():
+        per_epoch = median([statistics.median(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
+        reach = [time_to(r["epochs"], TARGET) for r in runs]
+        lines.append(f"| {config} | {', '.join(str(r['seed']) for r in runs)} | {per_epoch:.0f} "
+                     f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f')} s "
+                     f"({', '.join(fmt(t, '.0f') for t in reach)}) "
+                     f"| {fmt(median([r['final_dev_accuracy'] for r in runs]), '.4f')} ({runs[0]['tta']}) "
+                     f"| {fmt(median([r['final_dev_f1'] for r in runs]), '.4f')} | {6 * runs[0]['macs'] / 1e9:.2f} |")
+    for config, runs in by_config.items():
+        for r in runs:
+            curve = ", ".join(f"{e['dev_accuracy']:.3f}" for e in r["epochs"])
+            lines.append(f"\n{config} seed {r['seed']} dev accuracy per epoch: {curve}")
+    fast_time = median([r["train_seconds"] for r in by_config.get("fast-bf16", [])])
+    for r in by_config.get("report", []):
+        reached = accuracy_within(r["epochs"], fast_time) if fast_time else None
+        lines.append(f"\nreport seed {r['seed']}: dev accuracy {fmt(reached and reached[1], '.4f', 'n/a')} after "
+                     f"epoch {reached and reached[0]} within fast-bf16's median training time "
+                     f"({fmt(fast_time, '.0f', 'n/a')} s)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "SEED", "PREPARED"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="configurations to run (default: all)")
+    parser.add_argument("--results", type=Path, default=CACHE / "results.json")
+    parser.add_argument("--summary", action="store_true", help="print the table from --results, run nothing")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2])))
+        return 0
+    results = json.loads(args.results.read_text()) if args.results.is_file() else []
+    if not args.summary:
+        prepared = prepared_dir()
+        done = {(r["config"], r["seed"]) for r in results}
+        for config in args.only or list(RUNS):
+            for seed in RUNS[config][1]:
+                if (config, seed) in done:
+                    continue
+                print(f"running {config} seed {seed} ...", flush=True)
+                results.append(measure_child(__file__, [config, str(seed), str(prepared)]))
+                args.results.parent.mkdir(parents=True, exist_ok=True)
+                args.results.write_text(json.dumps(results, indent=1))
+                print(summary(results), flush=True)
+    print(summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The training input pipeline: per-epoch stateless shuffles of the uint8 arrays, batched in tf.data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from imgclf.augment import Augment
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    return math.ceil(num_samples / batch_size)
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int,
+                 augment: Augment | None = None):
+    """Batches for epochs first_epoch..epochs-1, each epoch's order a stateless shuffle of (seed, epoch).
+
+    Deriving the order (and any augmentation) from the epoch number, not from an iterator's hidden
+    state, is what lets a resumed run see exactly the batches an uninterrupted run would. Batches are
+    gathered from the uint8 arrays inside the tf.data graph, augmented there, and cast to float32; the
+    model scales the pixels itself.
+    """
+    import tensorflow as tf
+
+    images, labels = tf.constant(x), tf.constant(y)
+    indices = tf.range(len(x), dtype=tf.int64)
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(indices, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        return batches if augment is None else batches.map(lambda idx: (idx, epoch))
+
+    def plain(idx):
+        return tf.cast(tf.gather(images, idx), tf.float32), tf.gather(labels, idx)
+
+    def augmented(idx, epoch):
+        return tf.cast(augment(tf.gather(images, idx), idx, epoch, len(x)), tf.float32), tf.gather(labels, idx)
+
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
+    ds = ds.map(plain if augment is None else augmented)
+    options = tf.data.Options()
+    # Multi-worker: each worker takes its share of every global batch (the default first tries to shard
+    # by input file, which in-memory arrays do not have). Single-process strategies ignore this.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

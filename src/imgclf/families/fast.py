@@ -1,0 +1,187 @@
+"""`model.arch: fast`: an airbench94-style net and recipe (KellerJordan/cifar10-airbench), ported to Keras.
+
+Net: per-channel normalisation -> a frozen 2x2 patch-whitening conv (its bias trains for a few epochs)
+-> GELU -> three blocks [conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU] whose convs have
+no bias and start as identities ("dirac") -> global max pool -> linear without bias -> logits x 1/9.
+BN: eps 1e-12, no scale, fast running statistics. Training: PyTorch-style Nesterov SGD with coupled
+L2, learning rate and weight decay quoted per 1024 examples, BN biases at 64x the learning rate, a
+piecewise-linear per-step schedule, label smoothing, lookahead of the weights and BN statistics, and
+random translation with alternating flips in the input pipeline (augment.py). Its knobs are
+`model.fast.*`; the `fast` preset of `imgclf experiments` sets the rest (batch size, epochs, TTA).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imgclf.augment import FLIPS, Augment
+from imgclf.families import REGISTRY, Family
+from imgclf.schema import INT, LIST, NUM, Key, finite, one_of, positive_ints
+
+WHITEN_KERNEL = 2           # the whitening conv sees 2x2 patches
+WHITEN_EPS = 5e-4           # added to the patch covariance's eigenvalues before 1/sqrt
+LOGIT_SCALE = 1 / 9         # airbench's output scaling
+BN_EPSILON = 1e-12
+LR_SCHEDULE = (0.2, 0.23, 1.0, 0.07)  # lr factor: 0.2 at step 0, 1.0 at 23 % of the steps, 0.07 at the end
+LOOKAHEAD_DECAY = 0.95      # per step; a sync every k steps uses 0.95**k * (step / total)**3
+LOOKAHEAD_FROM_EPOCH = 3    # 1-based epoch of the first lookahead sync
+
+PARAMS = {"model": {"fast": {
+    "widths": Key(LIST, lambda v: bool(v) and positive_ints(v), "a non-empty list of positive ints"),
+    "batchnorm_momentum": Key(NUM, finite(0, 1, low_open=False), "in [0, 1)"),
+    "whiten_images": Key(INT, lambda v: v >= 1, ">= 1"),
+    "whiten_bias_epochs": Key(INT, lambda v: v >= 0, ">= 0"),
+    "learning_rate": Key(NUM, finite(0), "> 0"),
+    "momentum": Key(NUM, finite(0, 1, low_open=False), "in [0, 1)"),
+    "weight_decay": Key(NUM, finite(0, low_open=False), ">= 0"),
+    "bias_lr_scale": Key(NUM, finite(0), "> 0"),
+    "label_smoothing": Key(NUM, finite(0, 1, low_open=False), "in [0, 1)"),
+    "lookahead_every": Key(INT, lambda v: v >= 0, ">= 0 (0: no lookahead)"),
+    "translate": Key(INT, lambda v: v >= 0, ">= 0"),
+    "flip": one_of(FLIPS),
+}}}
+
+
+def _uniform():
+    """PyTorch's default conv/linear init, U(+-1/sqrt(fan_in)), as airbench's layers start."""
+    import keras
+
+    return keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+
+
+def _conv_group(x, width: int, momentum: float, name: str):
+    import keras
+
+    def conv(y, suffix):
+        return keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=_uniform(),
+                                   name=f"{name}_{suffix}")(y)
+
+    def norm_gelu(y, suffix):
+        y = keras.layers.BatchNormalization(momentum=momentum, epsilon=BN_EPSILON, scale=False,
+                                            name=f"{name}_norm{suffix}")(y)
+        return keras.layers.Activation("gelu", name=f"{name}_gelu{suffix}")(y)
+
+    x = keras.layers.MaxPooling2D(2, name=f"{name}_pool")(conv(x, "conv1"))
+    return norm_gelu(conv(norm_gelu(x, 1), "conv2"), 2)
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1]."""
+    x = x.astype(np.float64) / 255.0
+    return x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
+
+
+def whitening_kernel(x: np.ndarray, eps: float = WHITEN_EPS, k: int = WHITEN_KERNEL) -> np.ndarray:
+    """(k, k, C, 2·k·k·C) conv kernel from normalised images: the eigenvectors of the uncentered covariance of
+    their k x k patches, largest first, each scaled by 1/sqrt(eigenvalue + eps), then the same negated."""
+    dim = k * k * x.shape[-1]
+    cov, count = np.zeros((dim, dim)), 0
+    for start in range(0, len(x), 500):  # patches of 500 images at a time: ~46 MB, not GBs
+        patches = np.lib.stride_tricks.sliding_window_view(x[start:start + 500], (k, k), axis=(1, 2))
+        patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dim)  # (kh, kw, c): Keras' kernel order
+        cov += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(cov / count)
+    order = np.argsort(eigenvalues)[::-1]
+    filters = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + eps)
+    return np.concatenate([filters, -filters], axis=1).reshape(k, k, x.shape[-1], 2 * dim)
+
+
+def dirac(kernel: np.ndarray) -> np.ndarray:
+    """The kernel with its first C_in filters replaced by identities (a 1 at the centre tap of channel i)."""
+    kernel = np.array(kernel)
+    n = min(kernel.shape[2], kernel.shape[3])
+    kernel[:, :, :, :n] = 0
+    kernel[kernel.shape[0] // 2, kernel.shape[1] // 2, np.arange(n), np.arange(n)] = 1
+    return kernel
+
+
+def build(params: dict, num_classes: int, x_train: np.ndarray):
+    """The net for x_train's image size; normalisation and whitening are set from its first images."""
+    import keras
+
+    knobs = params["model"]["fast"]
+    sample = x_train[:knobs["whiten_images"]]
+    mean, std = channel_stats(sample)
+    inputs = keras.Input(x_train.shape[1:], name="image")
+    # float32 up to the whitening conv: its 1/sqrt(eigenvalue) filters are large, and the layers are tiny
+    x = keras.layers.Rescaling([float(s) for s in 1 / (255 * std)], [float(o) for o in -mean / std],
+                               name="normalize", dtype="float32")(inputs)
+    whiten = keras.layers.Conv2D(2 * WHITEN_KERNEL ** 2 * x_train.shape[-1], WHITEN_KERNEL, padding="valid",
+                                 bias_initializer="zeros", name="whiten", dtype="float32")
+    x = keras.layers.Activation("gelu", name="whiten_gelu")(whiten(x))
+    for i, width in enumerate(knobs["widths"], start=1):
+        x = _conv_group(x, width, knobs["batchnorm_momentum"], f"block{i}")
+    x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
+    x = keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=_uniform(), name="head",
+                           dtype="float32")(x)
+    logits = keras.layers.Rescaling(LOGIT_SCALE, name="logit_scale", dtype="float32")(x)
+    model = keras.Model(inputs, logits, name="fast_cnn")
+    whiten.kernel.assign(whitening_kernel((sample / 255.0 - mean) / std).astype(np.float32))
+    whiten.kernel.trainable = False
+    for layer in model.layers:
+        if layer.name.endswith(("_conv1", "_conv2")):
+            layer.kernel.assign(dirac(layer.kernel.numpy()))
+    return model
+
+
+def lr_factor(step, total_steps: int):
+    """The per-step schedule LR_SCHEDULE describes (step may be a tensor)."""
+    from keras import ops
+
+    start, peak_at, peak, end = LR_SCHEDULE
+    warm = float(max(int(total_steps * peak_at), 1))
+    step = ops.cast(step, "float32")
+    up = start + (peak - start) * step / warm
+    down = peak + (end - peak) * (step - warm) / max(total_steps - warm, 1.0)
+    return ops.where(step < warm, up, down)
+
+
+def smoothed_cross_entropy(smoothing: float, num_classes: int):
+    """Mean softmax cross-entropy on logits against label-smoothed targets, for sparse integer labels."""
+    import keras
+    from keras import ops
+
+    def loss(y_true, logits):
+        target = ops.one_hot(ops.cast(ops.reshape(y_true, [-1]), "int32"), num_classes)
+        return keras.losses.categorical_crossentropy(target, logits, from_logits=True, label_smoothing=smoothing)
+
+    return loss
+
+
+def compile_model(model, params: dict, steps_per_epoch: int) -> None:
+    """Nesterov SGD as airbench runs it, converted from its summed loss to Keras' mean loss."""
+    import keras
+
+    from imgclf.optimizers import NesterovSGD
+
+    knobs, cfg = params["model"]["fast"], params["train"]
+    kilostep = 1024 * (1 + 1 / (1 - knobs["momentum"]))  # airbench: lr and decay are quoted per 1024 examples
+    betas = [layer.beta.path for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    total = steps_per_epoch * cfg["training_epochs"]
+    optimizer = NesterovSGD(
+        learning_rate=knobs["learning_rate"] * cfg["batch_size"] / kilostep, schedule=(lr_factor, total),
+        momentum=knobs["momentum"], l2=knobs["weight_decay"] / knobs["learning_rate"],
+        scales={path: knobs["bias_lr_scale"] for path in betas},
+        frozen_after={model.get_layer("whiten").bias.path: knobs["whiten_bias_epochs"] * steps_per_epoch})
+    model.compile(optimizer=optimizer, jit_compile=cfg["jit_compile"],
+                  loss=smoothed_cross_entropy(knobs["label_smoothing"], model.output_shape[-1]),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+def augment(params: dict) -> Augment:
+    knobs = params["model"]["fast"]
+    return Augment(params["seed"], knobs["translate"], knobs["flip"])
+
+
+def callbacks(params: dict, steps_per_epoch: int) -> list:
+    from imgclf.callbacks import Lookahead
+
+    every = params["model"]["fast"]["lookahead_every"]
+    total = steps_per_epoch * params["train"]["training_epochs"]
+    start = (LOOKAHEAD_FROM_EPOCH - 1) * steps_per_epoch
+    return [Lookahead(every, total, start, LOOKAHEAD_DECAY)] if every else []
+
+
+REGISTRY.register("fast", Family(params=PARAMS, build=build, compile=compile_model, augment=augment,
+                                 callbacks=callbacks))

@@ -1,0 +1,39 @@
+"""Test-time augmentation (`evaluate.tta`): logits averaged over flipped and shifted views of each image.
+
+none            the image itself
+flip            the image and its mirror, 1/2 each
+flip_translate  airbench94's six views: the image and its mirror 1/4 each, and both of those shifted one
+                pixel up-left and one pixel down-right (reflect padding) 1/8 each
+Any model that takes raw 0-255 pixels works; a left-right symmetric image scores as with `none`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# (weight, mirrored, shift in pixels along both axes) per view
+VIEWS = {
+    "none": ((1.0, False, 0),),
+    "flip": ((0.5, False, 0), (0.5, True, 0)),
+    "flip_translate": ((0.25, False, 0), (0.25, True, 0), (0.125, False, -1), (0.125, True, -1),
+                       (0.125, False, 1), (0.125, True, 1)),
+}
+
+
+def view(x: np.ndarray, mirrored: bool, shift: int) -> np.ndarray:
+    """The images shifted by `shift` pixels down and right (reflect padding), then mirrored."""
+    if shift:
+        pad = abs(shift)
+        padded = np.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)], mode="reflect")
+        start = pad - shift
+        x = padded[:, start:start + x.shape[1], start:start + x.shape[2]]
+    return x[:, :, ::-1] if mirrored else x
+
+
+def predict_logits(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
+    """Logits for uint8 images under `tta`; the model scales raw pixels itself."""
+    total = 0.0
+    for weight, mirrored, shift in VIEWS[tta]:
+        images = np.ascontiguousarray(view(x, mirrored, shift), dtype=np.float32)
+        total = total + weight * model.predict(images, batch_size=batch_size, verbose=0)
+    return total

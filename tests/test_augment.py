@@ -1,0 +1,68 @@
+"""Training augmentation (imgclf.augment, in imgclf.dataset's pipeline): stateless per (seed, epoch, index)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from imgclf.augment import Augment
+from imgclf.dataset import make_dataset
+
+N = 40
+IMAGES = np.random.default_rng(0).integers(0, 256, (N, 8, 8, 3), dtype=np.uint8)
+
+
+def views(aug: Augment, epoch: int, idx=None) -> np.ndarray:
+    idx = np.arange(N) if idx is None else np.asarray(idx)
+    return aug(tf.constant(IMAGES[idx]), tf.constant(idx, tf.int64), tf.constant(epoch, tf.int64), N).numpy()
+
+
+def test_alternating_flip_shows_every_image_both_ways_over_two_epochs():
+    aug = Augment(seed=5, flip="alternating")
+    first, second = aug.flips(N, 0).numpy(), aug.flips(N, 1).numpy()
+    assert np.all(first != second) and 0 < first.sum() < N  # a random part, then its complement
+    assert np.array_equal(aug.flips(N, 2).numpy(), first) and np.array_equal(aug.flips(N, 7).numpy(), second)
+    mirrored = IMAGES[:, :, ::-1]
+    for epoch, flips in ((0, first), (1, second)):
+        np.testing.assert_array_equal(views(aug, epoch), np.where(flips[:, None, None, None], mirrored, IMAGES))
+
+
+def test_the_same_seed_and_epoch_give_the_same_views_whatever_the_batch():
+    aug = Augment(seed=5, translate=2, flip="random")
+    whole = views(aug, 3)
+    order = np.random.default_rng(1).permutation(N)
+    np.testing.assert_array_equal(views(aug, 3, order[:7]), whole[order[:7]])  # keyed by index, not position
+    np.testing.assert_array_equal(views(Augment(seed=5, translate=2, flip="random"), 3), whole)
+    assert not np.array_equal(views(aug, 4), whole) and not np.array_equal(views(Augment(6, 2, "random"), 3), whole)
+
+
+def test_translation_is_an_integer_shift_with_reflect_padding():
+    aug = Augment(seed=1, translate=2)
+    offsets, out = aug.offsets(N, 0).numpy(), views(aug, 0)
+    assert offsets.min() >= 0 and offsets.max() <= 4 and len(np.unique(offsets)) == 5
+    padded = np.pad(IMAGES, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
+    for i, (dy, dx) in enumerate(offsets):
+        np.testing.assert_array_equal(out[i], padded[i, dy:dy + 8, dx:dx + 8])
+
+
+def test_no_augmentation_is_the_identity():
+    np.testing.assert_array_equal(views(Augment(seed=1), 0), IMAGES)
+
+
+@pytest.mark.parametrize("batch", [7, 16])
+def test_the_pipeline_augments_by_index_and_resumes_exactly(batch):
+    aug = Augment(seed=3, translate=1, flip="alternating")
+    labels = np.arange(N) % 4
+
+    def epochs(first):
+        return [(x.numpy(), y.numpy()) for x, y in make_dataset(IMAGES, labels, batch, 9, first, 3, aug)]
+
+    full, resumed = epochs(0), epochs(1)
+    per_epoch = -(-N // batch)
+    assert len(full) == 3 * per_epoch
+    for (x, y), (rx, ry) in zip(full[per_epoch:], resumed):  # epochs 1 and 2, started afresh at epoch 1
+        np.testing.assert_array_equal(x, rx)
+        np.testing.assert_array_equal(y, ry)
+    x, _ = full[0]
+    assert x.dtype == np.float32 and x.shape[1:] == (8, 8, 3)

@@ -1,0 +1,43 @@
+"""The `imgclf` console script (imgclf.cli): subcommands named after the stages and their modules, one-line
+errors with exit 2, overrides before or after the subcommand."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from conftest import REPO
+from imgclf import cli
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+def test_each_stage_command_runs_the_module_of_its_name(stage):
+    module = importlib.import_module(f"imgclf.{stage}")
+    assert callable(module.main)
+    args = cli.build_parser().parse_args(["-S", "seed=3", stage, "-S", "train.tf32=true"])
+    assert args.command == stage and args.overrides == ["seed=3"] and args.sub_overrides == ["train.tf32=true"]
+
+
+def test_validate_ok_and_a_bad_value_is_one_line_exit_2(capsys):
+    params = str(REPO / "params.yaml")
+    assert cli.main(["--params", params, "validate"]) == 0
+    assert capsys.readouterr().out.strip() == f"{params}: OK"
+    assert cli.main(["--params", params, "-S", "train.keep_prob=0", "validate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imgclf validate: error: ") and "train.keep_prob=0: must be in (0, 1]" in err
+    assert "\n" not in err
+
+
+def test_predict_takes_a_tta_choice_and_experiments_its_presets():
+    args = cli.build_parser().parse_args(["predict", "a.png", "--tta", "flip", "--model", "m.keras"])
+    assert args.tta == "flip" and args.images == ["a.png"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["predict", "a.png", "--tta", "sideways"])
+    args = cli.build_parser().parse_args(["experiments", "--variants", "fast", "--seeds", "1", "2", "--jobs", "2"])
+    assert args.variants == ["fast"] and args.seeds == [1, 2] and args.jobs == 2
+
+
+def test_an_unknown_variant_is_one_line(capsys):
+    assert cli.main(["--params", str(REPO / "params.yaml"), "experiments", "--variants", "deep"]) == 2
+    assert "unknown variant(s) deep; choose from report_final" in capsys.readouterr().err

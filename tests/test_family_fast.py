@@ -1,0 +1,137 @@
+"""The fast family (imgclf.families.fast) and what it brings: whitening, dirac init, the net at any size, the
+learning-rate schedule, PyTorch-style Nesterov SGD (imgclf.optimizers) and label smoothing."""
+
+from __future__ import annotations
+
+import copy
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO
+from imgclf.families import fast
+from imgclf.optimizers import NesterovSGD
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+IMAGES = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+
+
+def fast_params(**knobs) -> dict:
+    params = copy.deepcopy(PARAMS)
+    params["model"]["arch"] = "fast"
+    params["model"]["fast"].update(knobs)
+    return params
+
+
+def patches(x: np.ndarray, k: int = 2) -> np.ndarray:
+    """Every k x k patch of x as a row, in Keras' kernel order (kh, kw, c)."""
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
+    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, k * k * x.shape[-1])
+
+
+def test_whitening_makes_the_patch_covariance_the_identity():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 16, 16, 3)) @ np.array([[1.0, 0.8, 0.1], [0.0, 0.5, 0.3], [0.0, 0.0, 0.2]])
+    kernel = fast.whitening_kernel(x, eps=0.0)
+    assert kernel.shape == (2, 2, 3, 24)
+    flat = kernel.reshape(12, 24)
+    np.testing.assert_allclose(flat[:, 12:], -flat[:, :12])  # the second half is the first negated
+    p = patches(x)
+    whitened = p @ flat[:, :12]
+    np.testing.assert_allclose(whitened.T @ whitened / len(p), np.eye(12), atol=1e-8)
+    eigenvalues = np.linalg.eigvalsh(p.T @ p / len(p))[::-1]
+    norms = np.linalg.norm(flat[:, :12], axis=0)
+    np.testing.assert_allclose(norms, 1 / np.sqrt(eigenvalues), rtol=1e-8)  # largest eigenvalue first
+
+
+def test_dirac_makes_the_first_filters_identities():
+    kernel = fast.dirac(np.random.default_rng(0).normal(size=(3, 3, 4, 6)))
+    x = np.random.default_rng(1).normal(size=(2, 5, 5, 4)).astype(np.float32)
+    conv = keras.layers.Conv2D(6, 3, padding="same", use_bias=False)
+    conv.build(x.shape)
+    conv.kernel.assign(kernel.astype(np.float32))
+    out = conv(x).numpy()
+    np.testing.assert_allclose(out[..., :4], x, atol=1e-6)  # passes its input through
+    assert np.any(kernel[..., 4:] != 0) and np.count_nonzero(kernel[..., :4]) == 4
+
+
+@pytest.mark.parametrize("size", [32, 24, 45])
+def test_the_net_takes_any_size_and_starts_whitened_and_dirac(size):
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(2).integers(0, 256, (40, size, size, 3), dtype=np.uint8)
+    model = fast.build(fast_params(whiten_images=30), 7, x)
+    assert model.input_shape == (None, size, size, 3) and model.output_shape == (None, 7)
+    whiten = model.get_layer("whiten")
+    assert not whiten.kernel.trainable and whiten.bias.trainable
+    mean, std = fast.channel_stats(x[:30])
+    expected = fast.whitening_kernel((x[:30] / 255.0 - mean) / std)
+    np.testing.assert_allclose(whiten.kernel.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.all(model.get_layer("block2_conv2").kernel.numpy()[1, 1] == np.eye(256))
+    assert model.get_layer("logit_scale").scale == pytest.approx(1 / 9)
+    assert np.isfinite(model(x[:2].astype(np.float32)).numpy()).all()
+
+
+def test_the_default_net_has_the_hand_computed_size():
+    conv = 9 * 24 * 64 + 9 * 64 * 64 + 9 * 64 * 256 + 9 * 256 * 256 + 2 * 9 * 256 * 256
+    norms = 3 * 2 * (64 + 256 + 256)  # beta, moving mean and variance of two BNs per block; no scale
+    whiten, head = 2 * 2 * 3 * 24 + 24, 256 * 10
+    assert fast.build(fast_params(), 10, IMAGES).count_params() == conv + norms + whiten + head == 1_973_944
+
+
+def test_lr_schedule_points():
+    total = 100
+    factors = [float(fast.lr_factor(step, total)) for step in (0, 23, 100)]
+    assert factors == pytest.approx([0.2, 1.0, 0.07])
+    assert float(fast.lr_factor(11.5, total)) == pytest.approx(0.6)  # linear up
+    assert float(fast.lr_factor(23 + 77 / 2, total)) == pytest.approx((1.0 + 0.07) / 2)  # linear down
+
+
+def torch_sgd(w, grads, lr, momentum, wd, lrs):
+    """PyTorch's SGD(nesterov=True, weight_decay=wd) by hand: d = g + wd*w; buf = m*buf + d; w -= lr*(d + m*buf)."""
+    buf = None
+    for g, factor in zip(grads, lrs):
+        d = g + wd * w
+        buf = d if buf is None else momentum * buf + d
+        w = w - lr * factor * (d + momentum * buf)
+    return w
+
+
+def test_nesterov_sgd_is_pytorchs_with_scales_and_freezes():
+    rng = np.random.default_rng(3)
+    grads = [rng.normal(size=3).astype(np.float32) for _ in range(5)]
+    w0 = np.array([1.0, -2.0, 0.5], np.float32)
+    variables = [keras.Variable(w0, name=n) for n in ("plain", "scaled", "frozen")]
+    scales = {variables[1].path: 64.0}
+    schedule = (lambda step, total: 1.0 - keras.ops.cast(step, "float32") / total, 10)
+    opt = NesterovSGD(0.1, schedule, momentum=0.85, l2=0.01, scales=scales, frozen_after={variables[2].path: 3})
+    for g in grads:
+        opt.apply([keras.ops.convert_to_tensor(g)] * 3, variables)
+    lrs = [1.0 - s / 10 for s in range(5)]
+    expected = torch_sgd(w0, grads, 0.1, 0.85, 0.01, lrs)
+    np.testing.assert_allclose(variables[0].numpy(), expected, rtol=1e-5)
+    # a gradient scale is a larger learning rate on the gradient only: PyTorch with lr*64 and decay/64
+    np.testing.assert_allclose(variables[1].numpy(), torch_sgd(w0, grads, 6.4, 0.85, 0.01 / 64, lrs), rtol=1e-5)
+    np.testing.assert_allclose(variables[2].numpy(), torch_sgd(w0, grads[:3], 0.1, 0.85, 0.01, lrs), rtol=1e-5)
+
+
+def test_label_smoothing_spreads_the_target():
+    loss = fast.smoothed_cross_entropy(0.2, 4)
+    logits = np.array([[2.0, 0.0, -1.0, 0.5]], np.float32)
+    log_p = logits - np.log(np.exp(logits).sum())
+    target = np.array([0.2 / 4] * 4) + np.eye(4)[2] * 0.8
+    assert float(loss(np.array([2]), logits)[0]) == pytest.approx(-(target * log_p).sum(), rel=1e-6)
+
+
+def test_compile_uses_airbench_units_converted_to_a_mean_loss():
+    params = fast_params()
+    params["train"]["batch_size"], params["train"]["training_epochs"] = 1024, 10
+    model = fast.build(params, 10, IMAGES)
+    fast.compile_model(model, params, steps_per_epoch=44)
+    opt = model.optimizer
+    kilostep = 1024 * (1 + 1 / 0.15)
+    assert float(opt.learning_rate) == pytest.approx(11.5 * 1024 / kilostep)  # ~1.5 for a mean loss
+    assert opt.l2 == pytest.approx(0.0153 / 11.5) and opt.schedule[1] == 440
+    assert sorted(set(opt.scales.values())) == [64.0] and len(opt.scales) == 6  # every BN bias, nothing else
+    assert opt.frozen_after == {model.get_layer("whiten").bias.path: 3 * 44}

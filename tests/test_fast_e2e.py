@@ -1,0 +1,82 @@
+"""The fast family end to end, through the real `dvc exp run`, MLflow and TensorFlow with tiny settings: it
+trains, evaluates with TTA and logs; two processes give the same weights; a kill -9 after the lookahead
+has started resumes to the same weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import FAST_TINY, pipeline_env, run, set_args
+
+pytestmark = pytest.mark.e2e
+
+
+def test_fast_family_through_dvc_exp_run_then_reruns_and_resumes_bit_identically(repo_copy):
+    run(["dvc", "exp", "run", *set_args(FAST_TINY)], repo_copy)
+    metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
+    trained = json.loads((repo_copy / "reports/train.json").read_text())
+    assert trained["epochs_run"] == 6 and trained["stop_reason"] == "training_epochs" and not trained["collapsed"]
+    assert 0 <= metrics["dev"]["f1_macro"] <= 1 and metrics["train"]["stop_reason"] == "training_epochs"
+    rows = list(csv.DictReader((repo_copy / "reports/history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    run_id = json.loads((repo_copy / "reports/run.json").read_text())["mlflow_run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    client = MlflowClient()
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED" and logged.data.params["model.arch"] == "fast"
+    assert logged.data.params["evaluate.tta"] == "flip_translate" and logged.data.params["model.fast.flip"] == "alternating"
+    assert logged.data.tags["weights_sha256"] == trained["weights_sha256"]
+    assert logged.data.metrics["dev_f1_macro"] == pytest.approx(metrics["dev"]["f1_macro"])
+    assert sorted(m.step for m in client.get_metric_history(run_id, "dev_accuracy")) == [1, 2, 3, 4, 5, 6, 6]
+
+    # A second process, same params and data: the same weights, bit for bit.
+    run(["imgclf", *set_args(FAST_TINY), "train"], repo_copy)
+    again = json.loads((repo_copy / "reports/train.json").read_text())
+    assert again["weights_sha256"] == trained["weights_sha256"]
+
+    # kill -9 once epoch 3 or later is checkpointed (the lookahead average exists), then resume.
+    state = repo_copy / "models/checkpoint/state.json"
+    cmd = ["imgclf", *set_args(FAST_TINY | {"train.training_epochs": "12"}), "train"]
+    proc = subprocess.Popen(cmd, cwd=repo_copy, env=pipeline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def checkpointed_epoch() -> int:
+        try:
+            return json.loads(state.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    deadline = time.monotonic() + 180
+    while checkpointed_epoch() < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = json.loads(state.read_text())
+    killed_at = saved["epoch"]
+    assert 3 <= killed_at < 12 and saved["callbacks"]["lookahead"]["arrays"]  # the average is in the checkpoint
+    resumed = run(cmd, repo_copy)
+    assert f"Resuming after epoch {killed_at}" in resumed.stdout
+    after = json.loads((repo_copy / "reports/train.json").read_text())
+    run(["imgclf", *set_args(FAST_TINY | {"train.training_epochs": "12"}), "train"], repo_copy)
+    uninterrupted = json.loads((repo_copy / "reports/train.json").read_text())
+    assert after["weights_sha256"] == uninterrupted["weights_sha256"]
+
+
+def test_the_fast_preset_runs_through_the_experiment_queue_into_the_table(repo_copy):
+    tiny = {k: v for k, v in FAST_TINY.items() if k not in ("model.arch", "evaluate.tta")}
+    proc = run(["imgclf", "experiments", "--variants", "fast", *set_args(tiny | {"train.training_epochs": "2"})],
+               repo_copy, timeout=600)
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| fast |"))
+    assert " | 51 | " in row and row.endswith("| — |")  # no report number to compare with
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    (r,) = client.search_runs([client.get_experiment_by_name("imgclf").experiment_id])
+    assert r.info.status == "FINISHED" and r.data.tags["variant"] == "fast"
+    assert r.data.params["model.arch"] == "fast" and r.data.params["evaluate.tta"] == "flip_translate"
+    assert r.data.params["train.early_stopping.monitor"] == "none" and r.data.metrics["epochs_run"] == 2

@@ -1,0 +1,47 @@
+"""`imgclf rerun` (imgclf.rerun): what MATCH and DIFF say, read from a real MLflow store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from imgclf import rerun
+from imgclf.errors import ImgclfError
+
+
+@pytest.fixture
+def client(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def logged_run(client, weights: str, losses: list[float], **tags) -> str:
+    exp = client.get_experiment_by_name("t") or client.get_experiment(client.create_experiment("t"))
+    run = client.create_run(exp.experiment_id, tags={"weights_sha256": weights, **tags})
+    for step, loss in enumerate(losses, start=1):
+        client.log_metric(run.info.run_id, "loss", loss, step=step)
+    return run.info.run_id
+
+
+def test_match_and_the_explanation_of_a_diff(client):
+    first = logged_run(client, "a" * 64, [3.0, 2.0], device="CPU: x86_64 (2 cores)")
+    same = logged_run(client, "a" * 64, [3.0, 2.0], device="CPU: x86_64 (2 cores)")
+    other = logged_run(client, "b" * 64, [3.0, 2.5], device="GPU: H100 (x1)")
+    match, lines = rerun.compare(client, client.get_run(first), same)
+    assert match and lines == [f"MATCH: weights sha256 {'a' * 64} (run {same})"]
+    match, lines = rerun.compare(client, client.get_run(first), other)
+    assert not match and lines[1:] == ["  first epoch whose loss differs: 2",
+                                       "  environment differs: device: CPU: x86_64 (2 cores) -> GPU: H100 (x1)"]
+
+
+def test_first_difference():
+    assert rerun.first_difference({1: 3.0, 2: 2.0}, {1: 3.0, 2: 2.0}) is None
+    assert rerun.first_difference({1: 3.0, 2: 2.0}, {1: 3.0}) == 2
+
+
+def test_a_run_that_never_finished_training_is_refused(client):
+    run_id = client.create_run(client.create_experiment("u")).info.run_id
+    client.log_text(run_id, "seed: 1\n", "params.yaml")  # its params are there, its weights hash is not
+    with pytest.raises(ImgclfError, match=f"MLflow run {run_id} has no weights_sha256 tag"):
+        rerun.fetch_run(client, run_id)
