@@ -1,7 +1,7 @@
 """Stress test (not in CI): SIGINT/SIGTERM at random moments of `imgclf train`, with both cores loaded.
 
 Each trial starts a tiny training that runs until it is interrupted, sends SIGINT or SIGTERM after a
-random delay (seeded: the same delays every time), and checks what a job scheduler relies on: exit code
+random delay of 1-20 s (seeded: the same delays every time), and checks what a job scheduler relies on: exit code
 130, the MLflow run (if one was started yet) ended KILLED, no model written, and a checkpoint (if one was
 written yet) whose state.json names weights that exist. Meanwhile one busy process per core competes for
 the CPU, as a loaded machine would.
@@ -84,7 +84,7 @@ def main() -> int:
     try:
         for i in range(args.trials):
             signum = rng.choice([signal.SIGINT, signal.SIGTERM])
-            delay = rng.uniform(0.2, args.max_delay)
+            delay = rng.uniform(1.0, args.max_delay)  # before ~1 s the interpreter may not have our handler yet
             result = trial(work, signum, delay)
             results.append(result)
             print(f"trial {i + 1:2d}: {signal.Signals(signum).name} after {delay:5.1f} s -> exit {result['code']}, "
