@@ -1,12 +1,12 @@
 """Stress test (not in CI): SIGINT/SIGTERM at random moments of `imgclf train`, with both cores loaded.
 
 Each trial starts a tiny training that runs until it is interrupted, sends SIGINT or SIGTERM after a
-random delay of 1-20 s (seeded: the same delays every time), and checks what a job scheduler relies on: exit code
+random delay of 1-60 s (seeded: the same delays every time), and checks what a job scheduler relies on: exit code
 130, the MLflow run (if one was started yet) ended KILLED, no model written, and a checkpoint (if one was
 written yet) whose state.json names weights that exist. Meanwhile one busy process per core competes for
 the CPU, as a loaded machine would.
 
-    python scripts/stress_signals.py [--trials 30] [--max-delay 20]
+    python scripts/stress_signals.py [--trials 30] [--max-delay 60]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def run_statuses(work: Path) -> Counter:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--max-delay", type=float, default=20.0, help="longest wait before the signal (s)")
+    parser.add_argument("--max-delay", type=float, default=60.0, help="longest wait before the signal (s)")
     args = parser.parse_args()
     rng = random.Random(2026)
     work = Path(tempfile.mkdtemp(prefix="imgclf-stress-"))

@@ -115,12 +115,12 @@ def save_image(path: Path, mode="RGB", size=(32, 32), color=None, fmt=None):
     return path
 
 
-def make_folder(root: Path, classes=("cat", "dog", "frog"), n_train=10, n_test=0) -> Path:
+def make_folder(root: Path, classes=("cat", "dog", "frog"), n_train=10, n_test=0, size=(32, 32)) -> Path:
     for name in classes:
         for i in range(n_train):
-            save_image(root / "train" / name / f"{i:04d}.{'png' if i % 2 else 'jpg'}")
+            save_image(root / "train" / name / f"{i:04d}.{'png' if i % 2 else 'jpg'}", size=size)
         for i in range(n_test):
-            save_image(root / "test" / name / f"{i:04d}.png")
+            save_image(root / "test" / name / f"{i:04d}.png", size=size)
     return root
 
 

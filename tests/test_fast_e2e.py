@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_TINY, pipeline_env, run, set_args
+from fakes import make_folder, save_image
 
 pytestmark = pytest.mark.e2e
 
@@ -80,3 +81,20 @@ def test_the_fast_preset_runs_through_the_experiment_queue_into_the_table(repo_c
     assert r.info.status == "FINISHED" and r.data.tags["variant"] == "fast"
     assert r.data.params["model.arch"] == "fast" and r.data.params["evaluate.tta"] == "flip_translate"
     assert r.data.params["train.early_stopping.monitor"] == "none" and r.data.metrics["epochs_run"] == 2
+
+
+def test_the_fast_family_trains_evaluates_and_predicts_at_another_image_size(repo_copy):
+    """data.image_size=40: a folder of larger images is resized at prepare, the net follows the data."""
+    images = make_folder(repo_copy.parent / "images", classes=("cat", "dog"), n_train=30, size=(57, 57))
+    sets = FAST_TINY | {"data.dataset": "folder", "data.path": str(images), "data.image_size": "40",
+                        "data.max_train_samples": "null", "data.dev_fraction": "0.2", "train.training_epochs": "2"}
+    run(["imgclf", *set_args(sets), "prepare"], repo_copy)
+    assert json.loads((repo_copy / "data/prepared/manifest.json").read_text())["image_shape"] == [40, 40, 3]
+    run(["imgclf", *set_args(sets), "train"], repo_copy)
+    run(["imgclf", *set_args(sets), "evaluate"], repo_copy)
+    assert json.loads((repo_copy / "reports/metrics.json").read_text())["dev"]["count"] == 12
+    photo = save_image(repo_copy.parent / "photo.png", size=(90, 70))
+    out = run(["imgclf", *set_args(sets), "predict", str(photo)], repo_copy).stdout
+    assert out.split("\t")[1] in ("cat", "dog")
+    refused = run(["imgclf", *set_args(sets | {"model.arch": "report"}), "validate"], repo_copy, check=False)
+    assert refused.returncode == 2 and "model.arch=report takes 32x32 images only" in refused.stderr

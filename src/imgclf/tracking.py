@@ -287,11 +287,12 @@ class Tracker:
                 mlflow.start_run(run_id=run_id)
             else:
                 mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
-                mlflow.set_tags({"weights_sha256": weights_sha256, "evaluation_of": run_id or "unknown"})
-                mlflow.log_param("evaluate.tta", tta)
         except mlflow.exceptions.MlflowException as exc:
             raise run_failure(run_id or "(new)", exc, "rerun the evaluate stage") from None
         with _ends_active_run("rerun the evaluate stage"):
+            if not reopen:
+                mlflow.set_tags({"weights_sha256": weights_sha256, "evaluation_of": run_id or "unknown"})
+                mlflow.log_param("evaluate.tta", tta)
             yield mlflow.active_run().info.run_id
 
     @staticmethod
