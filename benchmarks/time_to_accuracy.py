@@ -15,6 +15,7 @@ it); and FLOPs per trained image of both nets (6 x the multiply-adds of a forwar
     python benchmarks/time_to_accuracy.py                    # every run of RUNS not yet in the results
     python benchmarks/time_to_accuracy.py --only fast-bf16   # one configuration
     python benchmarks/time_to_accuracy.py --summary          # print the table from the results file
+    python benchmarks/time_to_accuracy.py --epochs 1 --seeds 51 --results /tmp/smoke.json   # a smoke run
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ FAST = {"model.arch": "fast", "train.batch_size": 1024, "train.training_epochs":
 RUNS = {
     "fast-bf16": (FAST | {"train.mixed_precision": "mixed_bfloat16"}, [51, 52]),
     "fast-float32": (FAST, [51, 52]),
-    "report": ({"train.training_epochs": 12}, [51]),
+    # 7 report epochs (~25-40 min here) outlast fast-bf16's training time, which is all the comparison needs
+    "report": ({"train.training_epochs": 7}, [51]),
 }
 
 
@@ -75,11 +77,13 @@ def forward_macs(model) -> int:
     return total
 
 
-def child(config: str, seed: int, prepared: str) -> dict:
-    """One training run of the pipeline in this fresh process; its per-epoch history and final metrics."""
+def child(config: str, seed: int, prepared: str, epochs: int) -> dict:
+    """One training run of the pipeline in this fresh process; its per-epoch history and final metrics.
+    epochs > 0 replaces the configuration's epochs (a smoke run)."""
     import os
 
     overrides, _ = RUNS[config]
+    overrides = overrides | ({"train.training_epochs": epochs} if epochs > 0 else {})
     with tempfile.TemporaryDirectory(prefix="imgclf-tta-bench-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         from mlflow.tracking import MlflowClient
@@ -132,7 +136,8 @@ def median(values: list[float]) -> float | None:
 
 
 def fmt(value, spec: str = ".3f", none: str = "not reached") -> str:
-    return none if value is None else format(value, spec)
+    """value formatted by spec ('.0f' values are seconds), or `none`."""
+    return none if value is None else format(value, spec) + (" s" if spec == ".0f" else "")
 
 
 def summary(results: list[dict]) -> str:
@@ -146,7 +151,7 @@ def summary(results: list[dict]) -> str:
         per_epoch = median([statistics.median(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
         reach = [time_to(r["epochs"], TARGET) for r in runs]
         lines.append(f"| {config} | {', '.join(str(r['seed']) for r in runs)} | {per_epoch:.0f} "
-                     f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f')} s "
+                     f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f')} "
                      f"({', '.join(fmt(t, '.0f') for t in reach)}) "
                      f"| {fmt(median([r['final_dev_accuracy'] for r in runs]), '.4f')} ({runs[0]['tta']}) "
                      f"| {fmt(median([r['final_dev_f1'] for r in runs]), '.4f')} | {6 * runs[0]['macs'] / 1e9:.2f} |")
@@ -159,30 +164,33 @@ def summary(results: list[dict]) -> str:
         reached = accuracy_within(r["epochs"], fast_time) if fast_time else None
         lines.append(f"\nreport seed {r['seed']}: dev accuracy {fmt(reached and reached[1], '.4f', 'n/a')} after "
                      f"epoch {reached and reached[0]} within fast-bf16's median training time "
-                     f"({fmt(fast_time, '.0f', 'n/a')} s)")
+                     f"({fmt(fast_time, '.0f', 'n/a')})")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "SEED", "PREPARED"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("CONFIG", "SEED", "PREPARED", "EPOCHS"), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="configurations to run (default: all)")
     parser.add_argument("--results", type=Path, default=CACHE / "results.json")
     parser.add_argument("--summary", action="store_true", help="print the table from --results, run nothing")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="train every configuration this many epochs instead (a smoke run: use its own --results)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="these seeds instead of each configuration's")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2])))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], int(args.child[3]))))
         return 0
     results = json.loads(args.results.read_text()) if args.results.is_file() else []
     if not args.summary:
         prepared = prepared_dir()
         done = {(r["config"], r["seed"]) for r in results}
         for config in args.only or list(RUNS):
-            for seed in RUNS[config][1]:
+            for seed in args.seeds or RUNS[config][1]:
                 if (config, seed) in done:
                     continue
                 print(f"running {config} seed {seed} ...", flush=True)
-                results.append(measure_child(__file__, [config, str(seed), str(prepared)]))
+                results.append(measure_child(__file__, [config, str(seed), str(prepared), str(args.epochs)]))
                 args.results.parent.mkdir(parents=True, exist_ok=True)
                 args.results.write_text(json.dumps(results, indent=1))
                 print(summary(results), flush=True)
