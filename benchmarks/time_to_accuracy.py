@@ -135,9 +135,9 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def fmt(value, spec: str = ".3f", none: str = "not reached") -> str:
-    """value formatted by spec ('.0f' values are seconds), or `none`."""
-    return none if value is None else format(value, spec) + (" s" if spec == ".0f" else "")
+def fmt(value, spec: str = ".3f", none: str = "not reached", unit: str = "") -> str:
+    """value formatted by spec and followed by unit, or `none`."""
+    return none if value is None else format(value, spec) + unit
 
 
 def summary(results: list[dict]) -> str:
@@ -151,8 +151,8 @@ def summary(results: list[dict]) -> str:
         per_epoch = median([statistics.median(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
         reach = [time_to(r["epochs"], TARGET) for r in runs]
         lines.append(f"| {config} | {', '.join(str(r['seed']) for r in runs)} | {per_epoch:.0f} "
-                     f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f')} "
-                     f"({', '.join(fmt(t, '.0f') for t in reach)}) "
+                     f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f', unit=' s')} "
+                     f"({', '.join(fmt(t, '.0f', unit=' s') for t in reach)}) "
                      f"| {fmt(median([r['final_dev_accuracy'] for r in runs]), '.4f')} ({runs[0]['tta']}) "
                      f"| {fmt(median([r['final_dev_f1'] for r in runs]), '.4f')} | {6 * runs[0]['macs'] / 1e9:.2f} |")
     for config, runs in by_config.items():
@@ -164,7 +164,7 @@ def summary(results: list[dict]) -> str:
         reached = accuracy_within(r["epochs"], fast_time) if fast_time else None
         lines.append(f"\nreport seed {r['seed']}: dev accuracy {fmt(reached and reached[1], '.4f', 'n/a')} after "
                      f"epoch {reached and reached[0]} within fast-bf16's median training time "
-                     f"({fmt(fast_time, '.0f', 'n/a')})")
+                     f"({fmt(fast_time, '.0f', 'n/a', ' s')})")
     return "\n".join(lines)
 
 
