@@ -142,8 +142,8 @@ def fmt(value, spec: str = ".3f", none: str = "not reached", unit: str = "") -> 
 
 def summary(results: list[dict]) -> str:
     """The table printed at the end (medians over seeds)."""
-    lines = ["| configuration | seeds | s / epoch | time to dev acc >= 0.93 | final dev acc (TTA) | final dev macro-F1 "
-             "| GFLOP per trained image |", "|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | seeds | s / epoch | training time | time to dev acc >= 0.93 | final dev acc (TTA) "
+             "| final dev macro-F1 | GFLOP per trained image |", "|---|---|---|---|---|---|---|---|"]
     by_config: dict[str, list[dict]] = {}
     for r in results:
         by_config.setdefault(r["config"], []).append(r)
@@ -151,6 +151,7 @@ def summary(results: list[dict]) -> str:
         per_epoch = median([statistics.median(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
         reach = [time_to(r["epochs"], TARGET) for r in runs]
         lines.append(f"| {config} | {', '.join(str(r['seed']) for r in runs)} | {per_epoch:.0f} "
+                     f"| {median([r['train_seconds'] for r in runs]) / 60:.1f} min "
                      f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f', unit=' s')} "
                      f"({', '.join(fmt(t, '.0f', unit=' s') for t in reach)}) "
                      f"| {fmt(median([r['final_dev_accuracy'] for r in runs]), '.4f')} ({runs[0]['tta']}) "
