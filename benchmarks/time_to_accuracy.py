@@ -1,8 +1,10 @@
-"""Time to accuracy on the real CIFAR-10 training images: the fast family (float32 and mixed_bfloat16, several
-seeds) against the report's net, through the pipeline's own train() and evaluate().
+"""Time to accuracy on the real CIFAR-10 training images: the fast presets (airbench94's Nesterov SGD in float32
+and mixed_bfloat16, airbench94_muon's Muon) against each other and the report's net, through the pipeline's
+own train() and evaluate().
 
-Data: ../shared/data/cifar10-train-jpg.tar.gz (the 50,000 training images as JPEG class folders), prepared
-by the pipeline's folder source into the usual seeded 45,000 / 5,000 train/dev split. Each run is a fresh
+Data: ../shared/data/cifar10-train-png.tar.gz (the 50,000 training images with their exact pixels, as lossless
+PNG class folders; --data jpg for the lossy JPEG re-encoding of the same images), prepared by the pipeline's
+folder source into the usual seeded 45,000 / 5,000 train/dev split. Each run is a fresh
 process that calls imgclf.train.train() and imgclf.evaluate.evaluate() with a private MLflow store, then
 reads the per-epoch wall time and dev metrics back from MLflow. Results go to a JSON file as each run
 ends (--results), so a long benchmark can be stopped and resumed; the summary is printed from that file.
@@ -10,9 +12,12 @@ ends (--results), so a long benchmark can be stopped and resumed; the summary is
 For each configuration: per-epoch wall time, dev accuracy and macro-F1 per epoch, the wall time at which
 dev accuracy first reached the target (0.93), and the final dev accuracy with the preset's TTA (medians
 over seeds); the report's net's dev accuracy after the same wall time (its last epoch that ended within
-it); and FLOPs per trained image of both nets (6 x the multiply-adds of a forward pass).
+it); FLOPs per trained image of both nets (6 x the multiply-adds of a forward pass); and fast-muon's
+training time as a ratio of fast-float32's (target <= 0.6) with the accuracy it gives up (target <= 0.003).
+Runs go seed by seed, so a benchmark stopped early still compares configurations on the same seeds.
 
-    python benchmarks/time_to_accuracy.py                    # every run of RUNS not yet in the results
+    python benchmarks/time_to_accuracy.py                    # fast-float32 and fast-muon runs not yet in the results
+    python benchmarks/time_to_accuracy.py --data jpg         # the same on the JPEG images (their own results)
     python benchmarks/time_to_accuracy.py --only fast-bf16   # one configuration
     python benchmarks/time_to_accuracy.py --summary          # print the table from the results file
     python benchmarks/time_to_accuracy.py --epochs 1 --seeds 51 --results /tmp/smoke.json   # a smoke run
@@ -28,32 +33,51 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from common import REPO, measure_child
+from common import REPO, cpu_header, measure_child, verdict
 
-DATA = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
+DATA = {kind: REPO.parent / "shared" / "data" / f"cifar10-train-{kind}.tar.gz" for kind in ("png", "jpg")}
 CACHE = REPO / "benchmarks" / ".cache"  # git-ignored: the extracted images and prepared arrays
 TARGET = 0.93
-FAST = {"model.arch": "fast", "train.batch_size": 1024, "train.training_epochs": 10,
-        "train.early_stopping.monitor": "none", "evaluate.tta": "flip_translate"}
-# name -> (params overrides, seeds)
+# name -> (params overrides, seeds); the fast ones are `imgclf experiments`' presets as they are
 RUNS = {
-    "fast-bf16": (FAST | {"train.mixed_precision": "mixed_bfloat16"}, [51, 52]),
-    "fast-float32": (FAST, [51, 52]),
+    "fast-float32": ("fast", {}, [51, 52]),
+    "fast-muon": ("fast_muon", {}, [51, 52]),
+    "fast-bf16": ("fast", {"train.mixed_precision": "mixed_bfloat16"}, [51, 52]),
     # 7 report epochs (~25-40 min here) outlast fast-bf16's training time, which is all the comparison needs
-    "report": ({"train.training_epochs": 7}, [51]),
+    "report": (None, {"train.training_epochs": 7}, [51]),
 }
+DEFAULT = ("fast-muon", "fast-float32")  # what runs without --only: the comparison the README quotes
 
 
-def prepared_dir() -> Path:
-    """CACHE/prepared: the shared images through the folder source (extracted and prepared once)."""
-    out = CACHE / "prepared"
+def overrides(config: str) -> dict:
+    """The params overrides of one configuration: its preset's, then its own."""
+    from imgclf.experiments import PRESETS
+
+    preset, own, _ = RUNS[config]
+    return (PRESETS[preset].overrides if preset else {}) | own
+
+
+def schedule(configs: list[str], seeds: list[int] | None) -> list[tuple[str, int]]:
+    """(config, seed) pairs seed by seed, so the configurations of a seed run back to back: a benchmark
+    stopped early still compares like with like."""
+    pairs = [(c, s) for c in configs for s in (seeds or RUNS[c][2])]
+    return sorted(pairs, key=lambda pair: (pair[1], configs.index(pair[0])))
+
+def images_dir(kind: str) -> Path:
+    """Where the `kind` (png or jpg) images are extracted."""
+    return CACHE / ("images" if kind == "jpg" else f"images-{kind}")
+
+
+def prepared_dir(kind: str) -> Path:
+    """The shared `kind` images through the folder source (extracted and prepared once)."""
+    out = CACHE / ("prepared" if kind == "jpg" else f"prepared-{kind}")
     if (out / "manifest.json").is_file():
         return out
-    if not DATA.is_file():
-        raise SystemExit(f"{DATA}: not found; this benchmark needs the shared CIFAR-10 images")
-    images = CACHE / "images"
+    if not DATA[kind].is_file():
+        raise SystemExit(f"{DATA[kind]}: not found; this benchmark needs the shared CIFAR-10 images")
+    images = images_dir(kind)
     if not (images / "train").is_dir():
-        with tarfile.open(DATA) as tar:
+        with tarfile.open(DATA[kind]) as tar:
             tar.extractall(images, filter="data")
     from imgclf.config import load_params
     from imgclf.prepare import prepare
@@ -77,13 +101,12 @@ def forward_macs(model) -> int:
     return total
 
 
-def child(config: str, seed: int, prepared: str, epochs: int) -> dict:
+def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict:
     """One training run of the pipeline in this fresh process; its per-epoch history and final metrics.
     epochs > 0 replaces the configuration's epochs (a smoke run)."""
     import os
 
-    overrides, _ = RUNS[config]
-    overrides = overrides | ({"train.training_epochs": epochs} if epochs > 0 else {})
+    sets = overrides(config) | ({"train.training_epochs": epochs} if epochs > 0 else {})
     with tempfile.TemporaryDirectory(prefix="imgclf-tta-bench-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         from mlflow.tracking import MlflowClient
@@ -92,8 +115,8 @@ def child(config: str, seed: int, prepared: str, epochs: int) -> dict:
         from imgclf.evaluate import evaluate
         from imgclf.train import train
 
-        sets = [f"{k}={v}" for k, v in (overrides | {"seed": seed}).items()]
-        params = load_params(REPO / "params.yaml", sets + ["data.dataset=folder", f"data.path={CACHE / 'images'}"])
+        sets = [f"{k}={v}" for k, v in (sets | {"seed": seed}).items()]
+        params = load_params(REPO / "params.yaml", sets + ["data.dataset=folder", f"data.path={images_dir(kind)}"])
         out = Path(tmp)
         summary = train(params, prepared, out / "model.keras", out, out / "checkpoint")
         metrics = evaluate(params, prepared, out / "model.keras", out)
@@ -107,7 +130,7 @@ def child(config: str, seed: int, prepared: str, epochs: int) -> dict:
     return {"config": config, "seed": seed, "macs": macs, "train_seconds": summary["train_seconds"],
             "epochs": [{"epoch": e, **{k: history[k][e] for k in history}} for e in epochs],
             "final_dev_accuracy": metrics["dev"]["accuracy"], "final_dev_f1": metrics["dev"]["f1_macro"],
-            "tta": params["evaluate"]["tta"], "device": summary["device"]}
+            "tta": params["evaluate"]["tta"], "device": summary["device"], "data": kind}
 
 
 def time_to(epochs: list[dict], target: float) -> float | None:
@@ -140,26 +163,47 @@ def fmt(value, spec: str = ".3f", none: str = "not reached", unit: str = "") -> 
     return none if value is None else format(value, spec) + unit
 
 
+def row(config: str, runs: list[dict]) -> str:
+    """One configuration's table row (medians over its seeds)."""
+    per_epoch = median([statistics.median(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
+    outside = median([r["train_seconds"] - sum(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
+    reach = [time_to(r["epochs"], TARGET) for r in runs]
+    return (f"| {config} | {', '.join(str(r['seed']) for r in runs)} | {per_epoch:.0f} | {outside:.0f} s "
+            f"| {median([r['train_seconds'] for r in runs]) / 60:.1f} min "
+            f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f', unit=' s')} "
+            f"({', '.join(fmt(t, '.0f', unit=' s') for t in reach)}) "
+            f"| {fmt(median([r['final_dev_accuracy'] for r in runs]), '.4f')} ({runs[0]['tta']}) "
+            f"| {fmt(median([r['final_dev_f1'] for r in runs]), '.4f')} | {6 * runs[0]['macs'] / 1e9:.2f} |")
+
+
+def muon_verdict(by_config: dict[str, list[dict]]) -> list[str]:
+    """fast-muon against fast-float32 on the seeds both ran: wall-time ratio (target <= 0.6) and accuracy."""
+    fast, muon = ({r["seed"]: r for r in by_config.get(c, [])} for c in ("fast-float32", "fast-muon"))
+    seeds = sorted(set(fast) & set(muon))
+    if not seeds:
+        return []
+    ratio = median([muon[s]["train_seconds"] for s in seeds]) / median([fast[s]["train_seconds"] for s in seeds])
+    gap = median([muon[s]["final_dev_accuracy"] for s in seeds]) - median([fast[s]["final_dev_accuracy"] for s in seeds])
+    return [f"\nfast-muon / fast-float32 training time (seeds {', '.join(map(str, seeds))}, medians): {ratio:.3f} "
+            f"{verdict(ratio, 0.6, higher_is_better=False)}; final dev accuracy (TTA) {gap:+.4f} "
+            f"{verdict(gap, -0.003)}"]
+
+
 def summary(results: list[dict]) -> str:
-    """The table printed at the end (medians over seeds)."""
-    lines = ["| configuration | seeds | s / epoch | training time | time to dev acc >= 0.93 | final dev acc (TTA) "
-             "| final dev macro-F1 | GFLOP per trained image |", "|---|---|---|---|---|---|---|---|"]
+    """The table printed at the end (medians over seeds). 'outside steps': training time not spent in an
+    epoch's training steps (building, whitening, the per-epoch dev pass, checkpoint and MLflow logging)."""
+    lines = ["| configuration | seeds | s / epoch (steps) | outside steps | training time | time to dev acc >= 0.93 "
+             "| final dev acc (TTA) | final dev macro-F1 | GFLOP per trained image |",
+             "|---|---|---|---|---|---|---|---|---|"]
     by_config: dict[str, list[dict]] = {}
     for r in results:
         by_config.setdefault(r["config"], []).append(r)
-    for config, runs in by_config.items():
-        per_epoch = median([statistics.median(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
-        reach = [time_to(r["epochs"], TARGET) for r in runs]
-        lines.append(f"| {config} | {', '.join(str(r['seed']) for r in runs)} | {per_epoch:.0f} "
-                     f"| {median([r['train_seconds'] for r in runs]) / 60:.1f} min "
-                     f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f', unit=' s')} "
-                     f"({', '.join(fmt(t, '.0f', unit=' s') for t in reach)}) "
-                     f"| {fmt(median([r['final_dev_accuracy'] for r in runs]), '.4f')} ({runs[0]['tta']}) "
-                     f"| {fmt(median([r['final_dev_f1'] for r in runs]), '.4f')} | {6 * runs[0]['macs'] / 1e9:.2f} |")
+    lines += [row(config, runs) for config, runs in by_config.items()]
     for config, runs in by_config.items():
         for r in runs:
             curve = ", ".join(f"{e['dev_accuracy']:.3f}" for e in r["epochs"])
             lines.append(f"\n{config} seed {r['seed']} dev accuracy per epoch: {curve}")
+    lines += muon_verdict(by_config)
     fast_time = median([r["train_seconds"] for r in by_config.get("fast-bf16", [])])
     for r in by_config.get("report", []):
         reached = accuracy_within(r["epochs"], fast_time) if fast_time else None
@@ -171,30 +215,35 @@ def summary(results: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=4, metavar=("CONFIG", "SEED", "PREPARED", "EPOCHS"), help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="configurations to run (default: all)")
-    parser.add_argument("--results", type=Path, default=CACHE / "results.json")
+    parser.add_argument("--child", nargs=5, metavar=("CONFIG", "SEED", "PREPARED", "EPOCHS", "DATA"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--data", choices=sorted(DATA), default="png",
+                        help="png: the exact pixels (accuracy figures); jpg: the lossy re-encoding")
+    parser.add_argument("--only", nargs="+", choices=list(RUNS),
+                        help=f"configurations to run (default: {' '.join(DEFAULT)})")
+    parser.add_argument("--results", type=Path, help="default: benchmarks/.cache/results-DATA.json")
     parser.add_argument("--summary", action="store_true", help="print the table from --results, run nothing")
     parser.add_argument("--epochs", type=int, default=0,
                         help="train every configuration this many epochs instead (a smoke run: use its own --results)")
     parser.add_argument("--seeds", type=int, nargs="+", help="these seeds instead of each configuration's")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], int(args.child[3]))))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], int(args.child[3]), args.child[4])))
         return 0
+    args.results = args.results or CACHE / f"results-{args.data}.json"
+    print(cpu_header(), flush=True)
     results = json.loads(args.results.read_text()) if args.results.is_file() else []
     if not args.summary:
-        prepared = prepared_dir()
+        prepared = prepared_dir(args.data)
         done = {(r["config"], r["seed"]) for r in results}
-        for config in args.only or list(RUNS):
-            for seed in args.seeds or RUNS[config][1]:
-                if (config, seed) in done:
-                    continue
-                print(f"running {config} seed {seed} ...", flush=True)
-                results.append(measure_child(__file__, [config, str(seed), str(prepared), str(args.epochs)]))
-                args.results.parent.mkdir(parents=True, exist_ok=True)
-                args.results.write_text(json.dumps(results, indent=1))
-                print(summary(results), flush=True)
+        for config, seed in schedule(args.only or list(DEFAULT), args.seeds):
+            if (config, seed) in done:
+                continue
+            print(f"running {config} seed {seed} ...", flush=True)
+            results.append(measure_child(__file__, [config, str(seed), str(prepared), str(args.epochs), args.data]))
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=1))
+            print(summary(results), flush=True)
     print(summary(results))
     return 0
 

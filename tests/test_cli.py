@@ -3,6 +3,7 @@ errors with exit 2, overrides before or after the subcommand."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 
 import pytest
@@ -41,3 +42,30 @@ def test_predict_takes_a_tta_choice_and_experiments_its_presets():
 def test_an_unknown_variant_is_one_line(capsys):
     assert cli.main(["--params", str(REPO / "params.yaml"), "experiments", "--variants", "deep"]) == 2
     assert "unknown variant(s) deep; choose from report_final" in capsys.readouterr().err
+
+
+def test_an_os_error_is_one_line_naming_the_path_exit_2(tmp_path, capsys):
+    assert cli.main(["--params", str(tmp_path), "validate"]) == 2  # a folder where the params file should be
+    err = capsys.readouterr().err
+    assert err == f"imgclf validate: error: {tmp_path}: Is a directory; check the path and rerun\n"
+
+
+def test_an_os_error_names_both_paths_of_a_rename_and_the_fix(monkeypatch, capsys):
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/.x.tmp", None, "/data/x")
+
+    monkeypatch.setattr(cli, "cmd_validate", full_disk)
+    assert cli.main(["validate"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("imgclf validate: error: /data/.x.tmp -> /data/x: No space left on device; "
+                   "free disk space and rerun\n")
+
+
+def test_an_os_error_without_a_path_is_still_one_line(monkeypatch, capsys):
+    def refused(args):
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+    monkeypatch.setattr(cli, "cmd_validate", refused)
+    assert cli.main(["validate"]) == 2
+    err = capsys.readouterr().err
+    assert err == "imgclf validate: error: ConnectionRefusedError: Connection refused; fix it and rerun\n"

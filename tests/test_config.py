@@ -76,6 +76,8 @@ def test_repo_params_are_the_reports_settings():
     ("model.dense_units", [-1], "model.dense_units=[-1]"),
     ("seed", True, "seed: must be an integer, got True"),
     ("seed", None, "seed: must be an integer, got null"),
+    ("seed", -1, "seed=-1: must be >= 0 and < 2**32"),
+    ("seed", 2**32, "seed=4294967296: must be >= 0 and < 2**32 (NumPy's seed range)"),
 ])
 def test_bad_values_are_named(key, value, expected):
     with pytest.raises(ConfigError) as err:
@@ -167,3 +169,7 @@ def test_flatten_uses_dots():
     assert flat["train.early_stopping.patience"] == 5
     assert flat["model.conv_blocks"] == [[64, 64], [128, 128], [256, 256], [512, 512, 512]]
     assert flat["seed"] == 51
+
+
+def test_the_largest_seed_numpy_accepts_is_valid():
+    assert validate(params_with(seed=2**32 - 1))["seed"] == 2**32 - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import yaml
@@ -41,3 +42,16 @@ def test_no_stage_imports_another_stage_or_the_front_door():
     for stage in ("prepare", "train", "evaluate"):
         others = {f"src/imgclf/{s}.py" for s in ("prepare", "train", "evaluate", "cli", "config") if s != stage}
         assert not imports.closure_files(f"imgclf.{stage}") & others, stage
+
+
+def test_imgclf_is_a_regular_package_that_every_stage_lists():
+    # an implicit namespace package would merge any other `imgclf` folder on sys.path into ours
+    assert importlib.util.find_spec("imgclf").origin == str(REPO / "src/imgclf/__init__.py")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert all("src/imgclf/__init__.py" in stage["deps"] for stage in stages.values())
+
+
+def test_train_depends_on_the_pinned_versions_its_weights_depend_on():
+    # not code of the package, so outside the import closure: stage_problems ignores it, this test requires it
+    assert (REPO / "requirements.lock").is_file()
+    assert "requirements.lock" in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]

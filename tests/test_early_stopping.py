@@ -93,6 +93,35 @@ def test_early_stop_logger_val_loss_restores_best_weights():
 
 
 
+def test_the_keras_rule_resumed_after_its_stop_knows_it_stopped_and_ends_with_the_best_weights():
+    """Killed while saving, after the stop: the last checkpoint is the stopping epoch's. Its state says the
+    rule stopped before fit() begins (train.fit then trains nothing) and on_train_end alone (what fit() ends
+    with) puts the best epoch's weights back, as the uninterrupted run did."""
+    model = tiny_model()
+    sequence = iter([3.0, 2.0, 2.5, 2.6, 2.7])
+    saved = {}
+
+    class FeedDevLoss(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["dev_loss"] = next(sequence)
+
+    class Checkpoint(keras.callbacks.Callback):  # what checkpoint.EpochCheckpoint keeps after each epoch
+        def on_epoch_end(self, epoch, logs=None):
+            saved.update(state=early.get_state(), weights=model.get_weights())
+
+    early = early_stopping.make("val_loss", patience=2)
+    x, y = np.ones((8, 4), np.float32), np.ones(8, np.int64)
+    model.fit(x, y, epochs=5, verbose=0, callbacks=[FeedDevLoss(), early, Checkpoint()])
+    resumed, killed = early_stopping.make("val_loss", patience=2), tiny_model()
+    resumed.set_state(*saved["state"])
+    killed.set_weights(saved["weights"])
+    assert resumed.stopped_epoch == 4 and resumed.summary() == early.summary()
+    resumed.set_model(killed)
+    resumed.on_train_end()
+    for got, want in zip(killed.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_config_offers_exactly_the_rules_there_are():
     assert set(MONITORS) == set(early_stopping.RULES)
 

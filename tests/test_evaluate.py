@@ -60,5 +60,7 @@ def test_evaluate_writes_reports_and_logs_into_a_new_run_without_a_record(tmp_pa
     (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("imgclf").experiment_id])
     assert run.data.tags["evaluation_of"] == "unknown" and run.data.tags["weights_sha256"] == summary["weights_sha256"]
     assert run.data.params["evaluate.tta"] == "flip" and run.info.status == "FINISHED"
+    assert run.data.tags["evaluated"] == "true"  # what the experiments table counts
+    assert run.info.run_name.startswith("report-digits-seed51-eval-")  # not MLflow's seeded random name
     assert run.data.metrics["dev_accuracy"] == metrics["dev"]["accuracy"]
     assert {f"dev_f1_per_class/{c}" for c in "0123456789"} <= set(run.data.metrics)

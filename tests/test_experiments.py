@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, finished_runs, pipeline_env, run, set_args, wait_until, write_params
 from imgclf.config import apply_overrides, validate
-from imgclf.experiments import PRESETS, REPORT_VARIANTS, markdown, summarize
+from imgclf.experiments import PRESETS, REPORT_VARIANTS, latest_runs, markdown, summarize
 from imgclf.families.report import build_model
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -132,6 +132,27 @@ def test_collapsed_runs_are_marked_and_left_out_of_the_second_mean():
     assert line.startswith("| report_final | 51, 52, 53 | 0.486 ± 0.406 | 0.720 ± 0.028 | 1/3 (51) | 6, 6, 6 |")
     (line,) = [r for r in markdown([summarize("fast", [FakeRun(51, 0.1, True)])]).splitlines() if "| fast |" in r]
     assert "| 0.100 ± 0.000 | — | 1/1 (51) |" in line and line.endswith("| — |")  # no report number for fast
+
+
+def test_the_table_counts_only_evaluated_runs(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "mlruns").as_uri())
+
+    def finished(seed: int, f1: float, metrics: dict | None = None, **tags) -> str:
+        run_id = client.create_run(exp, tags={"variant": "fast", **tags}).info.run_id
+        client.log_param(run_id, "seed", str(seed))
+        for key, value in {"dev_f1_macro": f1, **(metrics or {})}.items():
+            client.log_metric(run_id, key, value, step=3)
+        client.set_terminated(run_id)
+        return run_id
+
+    evaluated = finished(51, 0.9, evaluated="true")
+    finished(51, 0.5)  # newer, never evaluated: its evaluate failed, or an `imgclf rerun` of the variant
+    legacy = finished(52, 0.8, {"dev_f1_per_class/cat": 0.8})  # evaluated before the tag existed
+    finished(53, 0.4)
+    assert [r.info.run_id for r in latest_runs("t", None, None)["fast"]] == [evaluated, legacy]
 
 
 def test_unknown_variant_is_refused(tmp_path):

@@ -135,3 +135,117 @@ def test_compile_uses_airbench_units_converted_to_a_mean_loss():
     assert opt.l2 == pytest.approx(0.0153 / 11.5) and opt.schedule[1] == 440
     assert sorted(set(opt.scales.values())) == [64.0] and len(opt.scales) == 6  # every BN bias, nothing else
     assert opt.frozen_after == {model.get_layer("whiten").bias.path: 3 * 44}
+
+
+def newton_schulz(g: np.ndarray, steps: int = 3) -> np.ndarray:
+    """airbench94_muon's quintic Newton-Schulz iteration by hand, in float64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (np.linalg.norm(g) + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def torch_muon(w_hwio: np.ndarray, grads: list[np.ndarray], lr: float, momentum: float, lrs: list[float]) -> np.ndarray:
+    """PyTorch's Muon step of airbench94_muon on an OIHW kernel, given and returned as Keras' HWIO."""
+    w = w_hwio.transpose(3, 2, 0, 1).astype(np.float64)  # HWIO -> OIHW
+    buf = np.zeros_like(w)
+    for g_hwio, factor in zip(grads, lrs):
+        g = g_hwio.transpose(3, 2, 0, 1)
+        buf = momentum * buf + g
+        g = g + momentum * buf
+        w = w * np.sqrt(len(w)) / np.linalg.norm(w)
+        w = w - lr * factor * newton_schulz(g.reshape(len(g), -1)).reshape(g.shape)
+    return w.transpose(2, 3, 1, 0)
+
+
+@pytest.mark.parametrize("ns_dtype, atol", [("float32", 1e-5), ("bfloat16", 0.24 * 3 * 0.03)])
+@pytest.mark.parametrize("shape", [(3, 3, 2, 4), (1, 1, 2, 5)])  # as out x (in·h·w): wide 4 x 18, tall 5 x 2
+def test_muon_orthogonalizes_conv_kernels_like_airbench_and_leaves_the_rest_to_nesterov_sgd(shape, ns_dtype, atol):
+    from imgclf.optimizers import Muon
+
+    rng = np.random.default_rng(5)
+    w0 = rng.normal(size=shape).astype(np.float32)
+    grads = [rng.normal(size=shape).astype(np.float32) for _ in range(3)]
+    b0 = np.array([0.5, -1.0], np.float32)
+    bias_grads = [rng.normal(size=2).astype(np.float32) for _ in range(3)]
+    kernel, bias = keras.Variable(w0, name="kernel"), keras.Variable(b0, name="bias")
+    opt = Muon(0.1, (fast.linear_decay, 10), momentum=0.85, l2=0.01, muon_paths=[kernel.path],
+               muon_learning_rate=0.24, muon_momentum=0.6, ns_dtype=ns_dtype, schedule_totals={bias.path: 4})
+    for g, gb in zip(grads, bias_grads):
+        opt.apply([keras.ops.convert_to_tensor(g), keras.ops.convert_to_tensor(gb)], [kernel, bias])
+    expected = torch_muon(w0, grads, 0.24, 0.6, [1 - s / 10 for s in range(3)])
+    # float32: exact up to rounding; bfloat16 (airbench's): ~3 % of each lr-sized step
+    np.testing.assert_allclose(kernel.numpy(), expected, atol=atol)
+    assert np.abs(kernel.numpy() - w0 * np.sqrt(shape[-1]) / np.linalg.norm(w0)).max() > 0.1  # lr-sized steps
+    # the bias is plain Nesterov SGD with coupled L2 on its own schedule length (4 steps, not 10)
+    np.testing.assert_allclose(bias.numpy(), torch_sgd(b0, bias_grads, 0.1, 0.85, 0.01, [1 - s / 4 for s in range(3)]),
+                               rtol=1e-5)
+
+
+def test_newton_schulz_pushes_singular_values_towards_one():
+    from imgclf.optimizers import orthogonalize
+
+    rng = np.random.default_rng(6)
+    u, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    v, _ = np.linalg.qr(rng.normal(size=(40, 16)))
+    g = u @ np.diag(np.geomspace(0.5, 10, 16)) @ v.T  # singular values 0.5 .. 10
+    out = np.asarray(keras.ops.cast(orthogonalize(keras.ops.convert_to_tensor(g, "float32")), "float32"))
+    singular = np.linalg.svd(out, compute_uv=False)
+    assert singular.min() > 0.5 and singular.max() < 1.5, singular  # airbench's iteration lands in ~(0.5, 1.5)
+    np.testing.assert_allclose(u.T @ out @ v, np.diag(np.diag(u.T @ out @ v)), atol=0.05)  # the same U and V
+
+
+def test_compile_muon_routes_every_conv_kernel_to_muon_and_converts_the_sgd_groups():
+    params = fast_params(optimizer="muon")
+    params["train"]["batch_size"], params["train"]["training_epochs"] = 2000, 8
+    model = fast.build(params, 10, IMAGES)
+    fast.compile_model(model, params, steps_per_epoch=23)
+    opt = model.optimizer
+    kernels = [v.path for v in model.trainable_variables if len(v.shape) == 4]
+    assert sorted(opt.muon_paths) == sorted(kernels) and len(kernels) == 6  # two convs per block, not whitening
+    whiten_bias, head = model.get_layer("whiten").bias.path, model.get_layer("head").kernel.path
+    assert opt.scales[whiten_bias] == pytest.approx(0.053 * 2000) and opt.scales[head] == pytest.approx(0.67 * 2000)
+    assert len(opt.scales) == 1 + 6 + 1  # whitening bias, every BN bias, the head
+    assert opt.l2 == pytest.approx(2e-6 * 2000) and opt.schedule[1] == 8 * 23
+    assert opt.frozen_after == opt.schedule_totals == {whiten_bias: 3 * 23}
+    assert [float(fast.linear_decay(s, 184)) for s in (0, 92, 184)] == pytest.approx([1.0, 0.5, 0.0])
+    head_kernel = model.get_layer("head").kernel.numpy()
+    assert head_kernel.std() == pytest.approx(1.0, rel=1e-5)  # airbench94_muon's head: std 1, logits / width
+    assert float(model.get_layer("logit_scale").scale) == pytest.approx(1 / 256)
+
+
+@pytest.mark.parametrize("sets, culprit", [
+    ({"data.image_size": 8, "model.fast.widths": [8, 8, 8, 8]}, "data.image_size=8: too small"),
+    ({"data.image_size": 8, "model.fast.translate": 8}, "model.fast.translate=8"),
+    ({"model.fast.optimizer": "adam"}, "model.fast.optimizer='adam'"),
+    ({"model.fast.muon.learning_rate": 0}, "model.fast.muon.learning_rate=0"),
+])
+def test_bad_fast_settings_are_refused_in_one_line(sets, culprit):
+    from imgclf.config import ConfigError, validate
+
+    params = fast_params()
+    params["data"]["dataset"] = "folder"
+    for key, value in sets.items():
+        *path, leaf = key.split(".")
+        node = params
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    with pytest.raises(ConfigError, match=culprit.replace("[", r"\[")):
+        validate(params)
+
+
+def test_the_fast_muon_preset_is_airbench94_muons_recipe():
+    from imgclf.config import apply_overrides, validate
+    from imgclf.experiments import PRESETS, REPORT_VARIANTS
+
+    sets = [f"{k}={v}" for k, v in PRESETS["fast_muon"].overrides.items()]
+    params = validate(apply_overrides(copy.deepcopy(PARAMS), sets))
+    knobs = params["model"]["fast"]
+    assert params["model"]["arch"] == "fast" and knobs["optimizer"] == "muon" and knobs["lookahead_every"] == 0
+    assert (params["train"]["batch_size"], params["train"]["training_epochs"]) == (2000, 8)
+    assert params["evaluate"]["tta"] == "flip_translate" and "fast_muon" not in REPORT_VARIANTS

@@ -1,6 +1,6 @@
 """The fast family end to end, through the real `dvc exp run`, MLflow and TensorFlow with tiny settings: it
 trains, evaluates with TTA and logs; two processes give the same weights; a kill -9 after the lookahead
-has started resumes to the same weights."""
+has started resumes to the same weights; the same for `model.fast.optimizer: muon`."""
 
 from __future__ import annotations
 
@@ -44,22 +44,8 @@ def test_fast_family_through_dvc_exp_run_then_reruns_and_resumes_bit_identically
     assert again["weights_sha256"] == trained["weights_sha256"]
 
     # kill -9 once epoch 3 or later is checkpointed (the lookahead average exists), then resume.
-    state = repo_copy / "models/checkpoint/state.json"
     cmd = ["imgclf", *set_args(FAST_TINY | {"train.training_epochs": "12"}), "train"]
-    proc = subprocess.Popen(cmd, cwd=repo_copy, env=pipeline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def checkpointed_epoch() -> int:
-        try:
-            return json.loads(state.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            return 0
-
-    deadline = time.monotonic() + 180
-    while checkpointed_epoch() < 3 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = json.loads(state.read_text())
+    saved = kill_after_epoch(cmd, repo_copy, 3)
     killed_at = saved["epoch"]
     assert 3 <= killed_at < 12 and saved["callbacks"]["lookahead"]["arrays"]  # the average is in the checkpoint
     resumed = run(cmd, repo_copy)
@@ -68,6 +54,44 @@ def test_fast_family_through_dvc_exp_run_then_reruns_and_resumes_bit_identically
     run(["imgclf", *set_args(FAST_TINY | {"train.training_epochs": "12"}), "train"], repo_copy)
     uninterrupted = json.loads((repo_copy / "reports/train.json").read_text())
     assert after["weights_sha256"] == uninterrupted["weights_sha256"]
+
+
+def kill_after_epoch(cmd: list[str], cwd, epoch: int) -> dict:
+    """Start `cmd`, kill -9 it once its checkpoint holds `epoch` or later; the checkpoint's state."""
+    state = cwd / "models/checkpoint/state.json"
+    proc = subprocess.Popen(cmd, cwd=cwd, env=pipeline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def checkpointed_epoch() -> int:
+        try:
+            return json.loads(state.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    deadline = time.monotonic() + 180
+    while checkpointed_epoch() < epoch and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(state.read_text())
+
+
+def test_muon_trains_evaluates_and_resumes_after_kill_to_the_same_weights(repo_copy):
+    """Muon's momentum buffers, the whitening bias's own schedule (frozen after epoch 3) and the step count
+    all come back from the checkpoint: a run killed after epoch 2 ends with the uninterrupted run's weights."""
+    sets = FAST_TINY | {"model.fast.optimizer": "muon", "model.fast.lookahead_every": "0",
+                        "train.training_epochs": "8"}
+    cmd = ["imgclf", *set_args(sets), "train"]
+    run(["imgclf", *set_args(sets), "prepare"], repo_copy)
+    run(cmd, repo_copy)
+    uninterrupted = json.loads((repo_copy / "reports/train.json").read_text())
+    assert uninterrupted["epochs_run"] == 8 and not uninterrupted["collapsed"]
+    run(["imgclf", *set_args(sets), "evaluate"], repo_copy)
+    assert 0.3 < json.loads((repo_copy / "reports/metrics.json").read_text())["dev"]["accuracy"] <= 1  # it learned
+    killed_at = kill_after_epoch(cmd, repo_copy, 2)["epoch"]
+    assert 2 <= killed_at < 8
+    resumed = run(cmd, repo_copy)
+    assert f"Resuming after epoch {killed_at}" in resumed.stdout
+    assert json.loads((repo_copy / "reports/train.json").read_text())["weights_sha256"] == uninterrupted["weights_sha256"]
 
 
 def test_the_fast_preset_runs_through_the_experiment_queue_into_the_table(repo_copy):

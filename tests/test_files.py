@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import numpy as np
 import pytest
 
-from imgclf.errors import ImgclfError
-from imgclf.files import atomic_write, new_temp_dir, read_json, replace_dir, sha256_array, write_json
+from imgclf.errors import ImgclfError, Interrupted
+from imgclf.files import atomic_write, new_temp_dir, read_json, recover_dir, replace_dir, sha256_array, write_json
 
 
 def test_atomic_write_keeps_the_suffix_and_leaves_no_temp_file(tmp_path):
@@ -54,3 +57,60 @@ def test_sha256_array_sees_dtype_shape_and_bytes():
     assert sha256_array(a) == sha256_array(a.copy())
     assert len({sha256_array(a), sha256_array(a.reshape(2, 3)), sha256_array(a.astype(np.int64))}) == 3
     assert sha256_array(np.arange(12)[::2]) == sha256_array(np.arange(12)[::2].copy())  # views hash like copies
+
+
+def test_atomic_write_fsyncs_the_file_before_and_the_folder_after_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "out.json"
+    seen = []
+    atomic_write(path, lambda tmp: (seen.append(str(tmp)), tmp.write_text("{}")))
+    assert events == [("fsync", seen[0]), ("replace", seen[0], str(path)), ("fsync", str(tmp_path))]
+
+
+def test_replace_dir_puts_the_old_folder_back_when_interrupted_between_its_renames(tmp_path, monkeypatch):
+    dest = tmp_path / "prepared"
+    for content in ("old", "new"):
+        (tmp_path / content).mkdir()
+        (tmp_path / content / "f").write_text(content)
+    replace_dir(tmp_path / "old", dest)
+    real_replace = os.replace
+
+    def signal_after_the_first_rename(src, dst):
+        real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", real_replace)
+        raise Interrupted()  # SIGTERM's handler raising right after the old folder moved aside
+
+    monkeypatch.setattr(os, "replace", signal_after_the_first_rename)
+    with pytest.raises(Interrupted):
+        replace_dir(tmp_path / "new", dest)
+    assert (dest / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "prepared"]
+
+
+def test_a_folder_stranded_by_a_killed_process_is_restored_or_removed(tmp_path):
+    dest = tmp_path / "prepared"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no process holds any more
+    old = tmp_path / f".prepared.old-{dead.pid}.tmp"
+    live = f".prepared.{os.getppid()}-a1b2.tmp"
+    for folder in (old, tmp_path / f".prepared.{dead.pid}-x1y2.tmp", tmp_path / live):
+        folder.mkdir()
+        (folder / "f").write_text(folder.name)
+    recover_dir(dest)  # dest missing: the old copy comes back; the dead writer's temp goes; a live one's stays
+    assert (dest / "f").read_text() == old.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live, "prepared"]
+    old.mkdir()
+    recover_dir(dest)  # dest present: a stranded old copy is only garbage
+    assert (dest / "f").read_text() == old.name and not old.exists()

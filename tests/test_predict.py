@@ -48,3 +48,16 @@ def test_a_missing_model_is_one_line(tmp_path):
 def test_softmax_is_stable():
     probs = predict.softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
     np.testing.assert_allclose(probs, [[1.0, 0.0], [0.5, 0.5]])
+
+
+def test_a_corrupt_model_is_one_line_naming_it_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/manifest.json").write_text(json.dumps({"classes": ["cat", "dog", "owl"]}))
+    path = tmp_path / "m.keras"
+    saved_model(path, size=8)
+    data = path.read_bytes()
+    path.write_bytes(data[:50] + bytes(b ^ 0xFF for b in data[50:60]) + data[60:])  # config.json's CRC fails
+    with pytest.raises(ImgclfError,
+                       match=f"{path}: corrupt Keras model file \\(BadZipFile: .*rerun the train stage"):
+        predict.main([str(save_image(tmp_path / "a.png"))], model_path=str(path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import yaml
@@ -83,3 +85,16 @@ def test_failed_prepare_keeps_previous_output(tmp_path, monkeypatch):
         prepare(make_params(), out)
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz", "c.tar.gz", "prepared"]
+
+
+def test_output_stranded_by_a_kill_between_the_renames_is_back_even_when_the_next_prepare_fails(tmp_path):
+    out = tmp_path / "prepared"
+    prepare(make_params(max_train_samples=100, dev_fraction=0.2), out)
+    before = snapshot(out)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # the pid of the killed prepare: no process holds it now
+    out.rename(tmp_path / f".prepared.old-{dead.pid}.tmp")  # where kill -9 between the renames leaves it
+    bad = make_npz(tmp_path / "bad.npz", y_train=np.arange(39) % 4)
+    with pytest.raises(DataError):
+        prepare(make_params("npz", str(bad)), out)
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz", "prepared"]

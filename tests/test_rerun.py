@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import REPO
 from imgclf import rerun
 from imgclf.errors import ImgclfError
 
 
 @pytest.fixture
-def client(tmp_path):
+def client(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) stay in tmp_path
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     return MlflowClient()
 
@@ -45,3 +48,14 @@ def test_a_run_that_never_finished_training_is_refused(client):
     client.log_text(run_id, "seed: 1\n", "params.yaml")  # its params are there, its weights hash is not
     with pytest.raises(ImgclfError, match=f"MLflow run {run_id} has no weights_sha256 tag"):
         rerun.fetch_run(client, run_id)
+
+
+def test_a_run_logged_before_a_key_existed_gets_the_repo_default_and_says_so(client, capsys):
+    logged = yaml.safe_load((REPO / "params.yaml").read_text())
+    del logged["train"]["stop_on_collapse"], logged["tracking"]["variant"]  # keys added after the run
+    run_id = logged_run(client, "a" * 64, [1.0], data_digest="d" * 64)
+    client.log_text(run_id, yaml.safe_dump(logged, sort_keys=False), "params.yaml")
+    _, params = rerun.fetch_run(client, run_id, REPO / "params.yaml")
+    assert params["train"]["stop_on_collapse"] is True and params["tracking"]["variant"] is None
+    assert (f"params.yaml of run {run_id} predates train.stop_on_collapse, tracking.variant: "
+            "using their values in " + str(REPO / "params.yaml")) in capsys.readouterr().out

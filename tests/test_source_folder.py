@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -74,4 +77,30 @@ def test_folder_test_classes_must_match(tmp_path):
     root = make_folder(tmp_path / "imgs", n_test=1)
     save_image(root / "test" / "owl" / "0.png")
     with pytest.raises(DataError, match="test: class folders differ from train/ \\(owl\\)"):
+        load_folder(root)
+
+
+@pytest.mark.parametrize("kind", ["broken-symlink", "symlink-loop"])
+def test_folder_unreadable_image_is_one_line(tmp_path, kind):
+    root = make_folder(tmp_path / "imgs")
+    bad = root / "train" / "dog" / "link.png"
+    bad.symlink_to(bad if kind == "symlink-loop" else tmp_path / "gone.png")
+    with pytest.raises(DataError, match=f"{bad}: unreadable .*; fix or remove it"):
+        load_folder(root)
+
+
+def test_folder_unreadable_subfolder_is_refused_not_skipped(tmp_path, monkeypatch):
+    # chmod 000 does not stop root, so the refusal a non-root user would get is simulated
+    root = make_folder(tmp_path / "imgs")
+    locked = root / "train" / "cat" / "more"
+    save_image(locked / "x.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=f"{locked}: unreadable \\(Permission denied\\)"):
         load_folder(root)

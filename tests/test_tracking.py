@@ -30,6 +30,7 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
 
     runs = finished_runs(mlflow_server, experiment)
     assert [r.data.params["train.learning_rate"] for r in runs] == ["0.001", "0.0005"]
+    head = run(["git", "rev-parse", "HEAD"], repo_copy).stdout.strip()
     client = MlflowClient(mlflow_server)
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     for r in runs:
@@ -53,6 +54,8 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
         assert r.data.params["stop_reason"] == "training_epochs" == r.data.tags["stop_reason"]
         assert r.data.tags["dvc_exp_name"] and r.info.run_name == r.data.tags["dvc_exp_name"]
         assert len(r.data.tags["git_commit"]) == 40 and len(r.data.tags["weights_sha256"]) == 64
+        assert r.data.tags["dvc_exp_baseline_rev"] == r.data.tags["git_commit"] == head  # DVC passes it to stages
+        assert r.data.tags["evaluated"] == "true" and "resumed_from" not in r.data.tags
         assert r.data.tags["tensorflow_version"] and r.data.tags["device"].startswith(("CPU", "GPU"))
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"history.csv", "loss.png", "confusion_matrix.png", "params.yaml", "data"} <= artifacts

@@ -100,9 +100,21 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+def one_class_f1(y_dev: np.ndarray, num_classes: int) -> float:
+    """The dev macro-F1 of the best one-class predictor: predicting class c for every image scores
+    F1 2p/(1 + p) on c (p its share of the dev images) and 0 on every other class."""
+    share = np.bincount(y_dev, minlength=num_classes) / len(y_dev)
+    return float((2 * share / (1 + share)).max() / num_classes)
+
+
 class CollapseDetector(keras.callbacks.Callback):
     """Catches a net that predicts a single class: after epoch AFTER_EPOCH, IN_A_ROW epochs in a row whose
-    dev predictions are one class or whose dev macro-F1 is at most 1.5 / number of classes.
+    dev predictions are one class or whose dev macro-F1 is at most halfway from what one class scores on
+    these dev labels (`one_class_f1`: 0.018 on balanced 10 classes, 0.333 on 2) to guessing's 1 / classes.
+
+    Measured from the one-class score, not as a share of 1 / classes: with few classes a healthy run sits
+    near 1.5 / classes (0.70 dev F1 on cats and dogs), while a one-class net is far below guessing whatever
+    the number of classes. y_dev None: balanced classes.
 
     Then it prints one WARNING line and (train.stop_on_collapse) stops training; the run is tagged and
     reported collapsed. The report's L2 on raw pixels sits on this knife edge: seed 51 collapsed under a
@@ -113,9 +125,11 @@ class CollapseDetector(keras.callbacks.Callback):
     AFTER_EPOCH = 3
     IN_A_ROW = 3
 
-    def __init__(self, num_classes: int, stop: bool):
+    def __init__(self, num_classes: int, stop: bool, y_dev: np.ndarray | None = None):
         super().__init__()
-        self.threshold, self.stop = 1.5 / num_classes, stop
+        labels = np.arange(num_classes) if y_dev is None else np.asarray(y_dev)
+        self.one_class, self.guessing = one_class_f1(labels, num_classes), 1 / num_classes
+        self.threshold, self.stop = (self.one_class + self.guessing) / 2, stop
         self.streak, self.collapsed_epoch = 0, 0
 
     def on_epoch_end(self, epoch, logs=None):
@@ -127,7 +141,8 @@ class CollapseDetector(keras.callbacks.Callback):
         then = "stopping training (stop_reason: collapsed); the model is still saved and evaluated" if self.stop \
             else "training goes on (train.stop_on_collapse: false)"
         print(f"WARNING: training collapsed to one class: dev predictions were {int(logs['dev_predicted_classes'])} "
-              f"class(es), dev macro-F1 {logs['dev_f1_macro']:.3f} (<= {self.threshold:.3f}) for epochs "
+              f"class(es), dev macro-F1 {logs['dev_f1_macro']:.3f} (<= {self.threshold:.3f}: one class scores "
+              f"{self.one_class:.3f} on these dev labels, guessing {self.guessing:.3f}) for epochs "
               f"{epoch + 2 - self.IN_A_ROW}-{epoch + 1}; {then}. Try another seed, train.tf32=false on a GPU, "
               "or model.input_scale=0.00392156862745098 (inputs in [0, 1])", file=sys.stderr, flush=True)
         if self.stop:

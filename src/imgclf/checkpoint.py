@@ -5,8 +5,9 @@ Keras' `save_weights`, so the step count that drives a learning-rate schedule to
 stateful callback that has arrays (Keras' best weights under monitor=val_loss, the fast family's
 lookahead weights). Keras does not save the dropout layers' RNG state, so state.json records it;
 the data order and augmentation need no state because they are derived from (seed, epoch, index).
-A checkpoint belongs to one fingerprint (seed, model, train params and the prepared data's digest):
-any other configuration ignores it and starts afresh.
+A checkpoint belongs to one fingerprint (seed, model, train params, the prepared data's digest, the train
+stage's code and the versions of TensorFlow, Keras and NumPy): any other configuration ignores it and starts
+afresh, and so does a checkpoint whose files cannot be read back (one line, then it is deleted).
 
 A stateful callback has a `state_name` and `get_state() -> (dict, arrays or None)` /
 `set_state(dict, arrays or None)`.
@@ -17,18 +18,58 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
+import yaml
 
+from imgclf.errors import one_line
 from imgclf.files import atomic_write, write_json
 from imgclf.paths import CHECKPOINT_STATE
 
+PACKAGE = Path(__file__).resolve().parent
+DVC_YAML = PACKAGE.parents[1] / "dvc.yaml"  # beside src/ in the repository the package is installed from
+# What reading back a damaged checkpoint, or one of a net the fingerprint did not tell apart, raises.
+UNUSABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile)
 
-def fingerprint(params: dict, data_digest: str) -> str:
-    """What must match for a checkpoint to be resumed: the training params and the data."""
+
+def code_digest(package: Path = PACKAGE, dvc_yaml: Path = DVC_YAML) -> str:
+    """sha256 of the train stage's code: what dvc.yaml's train stage lists under src/imgclf (of a folder,
+    every module in it, so a new family counts) or, without a dvc.yaml, every module of the package.
+
+    Names are taken relative to the package, so a copy of the same code gives the same digest."""
+    roots = [package]
+    if dvc_yaml.is_file():
+        deps = yaml.safe_load(dvc_yaml.read_text())["stages"]["train"]["deps"]
+        code = [Path(dep) for dep in deps if Path(dep).is_relative_to("src/imgclf")]
+        roots = [package / dep.relative_to("src/imgclf") for dep in code]
+    files = {f for root in roots for f in _modules(root)}
+    digest = hashlib.sha256()
+    for name, path in sorted((f.relative_to(package).as_posix(), f) for f in files):
+        digest.update(f"{name}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _modules(path: Path) -> list[Path]:
+    """A listed file, or every module under a listed folder (nothing for a path that is not there)."""
+    return list(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
+
+
+def code_identity() -> dict:
+    """What decides the weights besides params and data: the train stage's code and the library versions
+    (a checkpoint of other code may not even load into this net)."""
+    import tensorflow as tf
+
+    return {"code": code_digest(), "tensorflow": tf.__version__, "keras": keras.version(), "numpy": np.__version__}
+
+
+def fingerprint(params: dict, data_digest: str, code: dict | None = None) -> str:
+    """What must match for a checkpoint to be resumed: the training params, the data and the code
+    (`code_identity()` unless given)."""
     key = {k: params[k] for k in ("seed", "model", "train")} | {"data_digest": data_digest}
+    key |= code_identity() if code is None else code
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -37,41 +78,85 @@ def _seed_states(model: keras.Model) -> list:
     return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
 
 
+def _read_state(path: Path) -> dict | None:
+    """state.json's object, or None when the file holds anything else (not JSON, not UTF-8, not an object)."""
+    try:
+        state = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _why_not(state: dict | None, ckpt_dir: Path, expected_fingerprint: str) -> str | None:
+    """Why this checkpoint cannot be resumed here, or None."""
+    if state is None:
+        return "its state.json is not a checkpoint's state"
+    if state.get("fingerprint") != expected_fingerprint:
+        return "it belongs to other params, data or code"
+    weights = state.get("weights")
+    if not isinstance(weights, str) or not (ckpt_dir / weights).is_file():
+        return "its weights file is missing"
+    return None
+
+
+def _discard(ckpt_dir: str | Path, why: str, delete: bool) -> None:
+    """One line, and (delete: only the process that writes checkpoints may) the checkpoint goes."""
+    print(f"Ignoring the checkpoint in {ckpt_dir}: {why}; starting afresh.")
+    if delete:
+        clear(ckpt_dir)
+
+
 def load(ckpt_dir: str | Path, expected_fingerprint: str, clear_stale: bool = True) -> dict | None:
-    """The saved state if it exists and matches this configuration, else None (a stale one is deleted
-    when clear_stale: only the process that writes checkpoints may delete one)."""
+    """The saved state if it exists and matches this configuration, else None (a stale or unreadable one
+    is deleted when clear_stale)."""
     path = Path(ckpt_dir) / CHECKPOINT_STATE
     if not path.is_file():
         return None
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        state = {}
-    if state.get("fingerprint") != expected_fingerprint or not (Path(ckpt_dir) / state.get("weights", "")).is_file():
-        print(f"Ignoring the checkpoint in {ckpt_dir}: it belongs to other params or data; starting afresh.")
-        if clear_stale:
-            clear(ckpt_dir)
+    state = _read_state(path)
+    why = _why_not(state, Path(ckpt_dir), expected_fingerprint)
+    if why:
+        _discard(ckpt_dir, why, clear_stale)
         return None
     return state
 
 
-def restore(model: keras.Model, state: dict, ckpt_dir: str | Path) -> None:
-    """Load weights, optimizer variables and dropout RNG state saved after epoch `state['epoch']`."""
-    if not model.optimizer.built:
+def _read_arrays(ckpt_dir: str | Path, saved: dict) -> list | None:
+    if not saved.get("arrays"):
+        return None
+    with np.load(Path(ckpt_dir) / saved["arrays"]) as npz:
+        return [npz[f"arr_{i}"] for i in range(len(npz.files))]
+
+
+def restore(model: keras.Model, state: dict, ckpt_dir: str | Path, clear_unusable: bool = True) -> dict | None:
+    """Load weights, optimizer variables and dropout RNG state saved after epoch `state['epoch']`, and read
+    the callbacks' arrays: the state with them (`callback_arrays`), for restore_callbacks.
+
+    None, after one line, when the files cannot be read back: every variable is put back as built (Keras
+    may have loaded some layers before it failed), so the run starts exactly as one without a checkpoint;
+    the checkpoint is deleted when clear_unusable.
+    """
+    if not model.optimizer.built:  # as a resumed run does; the variables start at zero either way
         model.optimizer.build(model.trainable_variables)
-    model.load_weights(Path(ckpt_dir) / state["weights"])
-    for variable, value in zip(_seed_states(model), state["seed_states"]):
-        variable.assign(np.asarray(value, dtype=variable.dtype))
+    variables = [*model.variables, *model.optimizer.variables]
+    as_built = [v.numpy() for v in variables]
+    try:
+        model.load_weights(Path(ckpt_dir) / state["weights"])
+        for variable, value in zip(_seed_states(model), state["seed_states"]):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+        arrays = {name: _read_arrays(ckpt_dir, saved) for name, saved in state["callbacks"].items()}
+    except UNUSABLE as exc:
+        for variable, value in zip(variables, as_built):
+            variable.assign(value)
+        _discard(ckpt_dir, f"it cannot be restored ({one_line(exc)[:200]})", clear_unusable)
+        return None
+    return state | {"callback_arrays": arrays}
 
 
-def restore_callbacks(stateful: list, state: dict, ckpt_dir: str | Path) -> None:
-    """Give every stateful callback the state it had after epoch `state['epoch']`."""
+def restore_callbacks(stateful: list, state: dict) -> None:
+    """Give every stateful callback the state it had after epoch `state['epoch']` (`state` from restore())."""
     for callback in stateful:
-        saved, arrays = state["callbacks"][callback.state_name], None
-        if saved.get("arrays"):
-            with np.load(Path(ckpt_dir) / saved["arrays"]) as npz:
-                arrays = [npz[f"arr_{i}"] for i in range(len(npz.files))]
-        callback.set_state(saved["state"], arrays)
+        name = callback.state_name
+        callback.set_state(state["callbacks"][name]["state"], state["callback_arrays"][name])
 
 
 def clear(ckpt_dir: str | Path) -> None:

@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand; user errors print one line and exit 2, interrupts exit 130."""
-    from imgclf.errors import ImgclfError, install_handlers, raise_if_interrupted
+    """Run a subcommand; user errors and OS errors print one line and exit 2, interrupts exit 130."""
+    from imgclf.errors import ImgclfError, install_handlers, os_error_line, raise_if_interrupted
 
     args = build_parser().parse_args(argv)
     install_handlers()
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ImgclfError as exc:
         print(f"imgclf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a disk, permission or path problem no stage anticipated: still one line
+        print(f"imgclf {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"imgclf {args.command}: interrupted", file=sys.stderr)

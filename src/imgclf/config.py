@@ -50,7 +50,9 @@ class ConfigError(ImgclfError):
 
 
 BASE_SCHEMA: dict[str, Any] = {
-    "seed": Key(INT, lambda v: v >= 0, ">= 0"),
+    # NumPy's and scikit-learn's generators take 0 <= seed < 2**32; a larger one used to pass here and
+    # surface in prepare as a misleading "cannot stratify"
+    "seed": Key(INT, lambda v: 0 <= v < 2**32, ">= 0 and < 2**32 (NumPy's seed range)"),
     "data": {
         "path": Key(STR, lambda v: bool(v.strip()), "a non-empty path or null", nullable=True),
         "dev_fraction": Key(NUM, finite(0, 1), "in (0, 1)"),

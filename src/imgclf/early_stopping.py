@@ -115,13 +115,15 @@ class KerasRule(EarlyStop):
         self.keras_rule.set_model(model)
 
     def on_train_begin(self, logs=None):
-        self.keras_rule.on_train_begin(logs)  # resets Keras' counters: a resumed state goes on top
+        self.keras_rule.on_train_begin(logs)  # resets Keras' counters: a resumed state goes back on top
         if self._resumed:
-            state, best_weights = self._resumed
-            self.stopped_epoch = state["stopped_epoch"]
-            rule = self.keras_rule
-            rule.wait, rule.best, rule.best_epoch, rule.best_weights = (state["wait"], state["best"],
-                                                                        state["best_epoch"], best_weights)
+            self._apply(*self._resumed)
+
+    def _apply(self, state: dict, best_weights: list | None) -> None:
+        self.stopped_epoch = state["stopped_epoch"]
+        rule = self.keras_rule
+        rule.wait, rule.best, rule.best_epoch, rule.best_weights = (state["wait"], state["best"],
+                                                                    state["best_epoch"], best_weights)
 
     def should_stop(self, epoch: int, logs: dict) -> bool:
         self.keras_rule.on_epoch_end(epoch, logs)
@@ -141,8 +143,11 @@ class KerasRule(EarlyStop):
         return state, rule.best_weights
 
     def set_state(self, state: dict, best_weights: list | None) -> None:
-        """Continue from a checkpoint's counters (applied when fit() begins: Keras resets them there)."""
+        """Continue from a checkpoint's counters: at once, because train.fit() reads stopped_epoch to decide
+        whether anything is left to train and, if nothing is, ends with on_train_end alone (which puts the
+        best weights back); and again when fit() begins, because Keras resets them there."""
         self._resumed = (state, best_weights)
+        self._apply(state, best_weights)
 
 
 RULES = {"loss": ReportRule, "val_loss": KerasRule, "none": NoEarlyStop}

@@ -10,6 +10,7 @@ stops `prepare` or `evaluate` immediately; a second signal always raises at once
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 from typing import Iterator
 
@@ -29,6 +30,22 @@ class Interrupted(KeyboardInterrupt):
 def one_line(exc: BaseException) -> str:
     """An exception's text squeezed onto one line (messages must stay one line)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space",
+    errno.EACCES: "fix its permissions", errno.EPERM: "fix its permissions", errno.EROFS: "make it writable",
+    errno.ENOENT: "check the path", errno.ENOTDIR: "check the path", errno.EISDIR: "check the path",
+    errno.ELOOP: "check the path", errno.EMFILE: "raise the open-files limit (ulimit -n)",
+    errno.EIO: "check the disk",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: the path(s) it names, the system's reason, and what to do."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or one_line(exc)
+    return f"{paths or type(exc).__name__}: {reason}; {_OS_FIXES.get(exc.errno, 'fix it')} and rerun"
 
 
 _signals: list[int] = []   # every SIGINT/SIGTERM received by this process, in order

@@ -69,14 +69,18 @@ def final_metrics(results: dict, classes: list[str]) -> dict[str, float]:
 
 
 def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str], train: dict, tta: str,
-                  reports_dir: Path) -> None:
-    """Final metrics at the last epoch's step and the reports, into the run that trained the model."""
+                  reports_dir: Path, name: str) -> None:
+    """Final metrics at the last epoch's step and the reports, into the run that trained the model (or a new
+    run named `name`); then the `evaluated` tag, which is what tells these final scores from training's."""
     import mlflow
 
-    with tracker.evaluation_run(run_id, train["weights_sha256"], tta):
+    from imgclf.tracking import EVALUATED
+
+    with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name):
         mlflow.log_metrics(final_metrics(results, classes), step=train["epochs_run"])
-        for name in (CONFUSION_PNG, METRICS_JSON, CLASSIFICATION_REPORT):
-            mlflow.log_artifact(str(reports_dir / name))
+        for report in (CONFUSION_PNG, METRICS_JSON, CLASSIFICATION_REPORT):
+            mlflow.log_artifact(str(reports_dir / report))
+        mlflow.set_tag(EVALUATED, "true")
 
 
 def training_run_id(reports_dir: Path, train: dict) -> str | None:
@@ -89,7 +93,7 @@ def training_run_id(reports_dir: Path, train: dict) -> str | None:
 def evaluate(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
              reports_dir: str | Path = REPORTS_DIR) -> dict:
     """Score the trained model on dev (and test) under evaluate.tta, write metrics and plots, close the MLflow run."""
-    from imgclf.tracking import Tracker
+    from imgclf.tracking import Tracker, run_name
 
     reports_dir, tta = Path(reports_dir), params["evaluate"]["tta"]
     trained = read_json(reports_dir / TRAIN_SUMMARY, "training summary")
@@ -105,7 +109,8 @@ def evaluate(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: 
     write_predictions(splits["dev"][1], logits["dev"], classes, reports_dir / DEV_PREDICTIONS)
     plot_confusion(results, classes, reports_dir / CONFUSION_PNG)
     write_json(reports_dir / METRICS_JSON, metrics)
-    log_to_mlflow(tracker, training_run_id(reports_dir, trained), results, classes, trained, tta, reports_dir)
+    log_to_mlflow(tracker, training_run_id(reports_dir, trained), results, classes, trained, tta, reports_dir,
+                  run_name(params, manifest["dataset"], "eval"))
     return metrics
 
 

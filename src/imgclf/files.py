@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, deferred_interrupts
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -32,10 +35,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+        _fsync(tmp_path)  # else a power cut after the rename can leave the new name on empty or partial data
         os.replace(tmp_path, path)
+        _fsync(path.parent)  # the rename itself lives in the folder: make it durable too
     finally:
         tmp_path.unlink(missing_ok=True)
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP) or not path.is_dir():
+            raise  # some file systems cannot sync a folder, and say so; any other failure is real
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -62,30 +79,72 @@ def read_json(path: str | Path, what: str) -> Any:
 
 
 def new_temp_dir(dest: str | Path) -> Path:
-    """A fresh empty folder beside `dest`, to be filled then moved into place by `replace_dir`."""
+    """A fresh empty folder beside `dest`, to be filled then moved into place by `replace_dir`.
+
+    Its name holds the writer's pid, so `recover_dir` can tell a killed writer's leftovers from a live one's.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}-", suffix=".tmp", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     return tmp
+
+
+def _aside(dest: Path) -> Path:
+    """Where replace_dir moves the old `dest` meanwhile: git ignores `.*.tmp*`, like the temp folder."""
+    return dest.with_name(f".{dest.name}.old-{os.getpid()}.tmp")
 
 
 def replace_dir(tmp: Path, dest: str | Path) -> Path:
     """Move the finished folder `tmp` to `dest`, replacing what was there.
 
-    Two renames: the old folder is moved aside first, so at any instant `dest` is either
-    the complete old folder, absent, or the complete new one. The aside name matches the
-    `.*.tmp*` pattern git ignores, like the temp folder's, in case a kill lands in between.
+    Two renames: the old folder is moved aside first, then the new one into place. An error or a
+    signal between them puts the old folder back, so `dest` is always the whole old folder or the
+    whole new one; only `kill -9` there leaves it missing, for `recover_dir` to put back on the next start.
+    """
+    dest, old = Path(dest), _aside(Path(dest))
+    with deferred_interrupts():  # a first signal waits until dest is whole again (a second one does not)
+        try:
+            if dest.exists():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+        finally:
+            if old.exists() and not dest.exists():
+                os.replace(old, dest)
+            shutil.rmtree(old, ignore_errors=True)  # not reached if putting it back failed
+    return dest
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process has this pid (ours is reused from a gone one: containers restart pids)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def recover_dir(dest: str | Path) -> None:
+    """Clean up what killed replace_dir / new_temp_dir callers left beside `dest`.
+
+    A missing `dest` gets its old copy back when exactly one was stranded (with several, which is newest
+    cannot be told: all are kept); partial temp folders go, and old copies once `dest` exists. Leftovers
+    of a process still alive are never touched: it may be writing them now.
     """
     dest = Path(dest)
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}.tmp")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(?:(old)-(\d+)|(\d+)-\w+)\.tmp")
+    matches = (pattern.fullmatch(p.name) for p in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"))
+    stale = [(dest.with_name(m[0]), bool(m[1])) for m in matches if m and not _alive(int(m[2] or m[3]))]
+    olds = [path for path, is_old in stale if is_old]
+    if not dest.exists() and len(olds) == 1:
+        os.replace(olds[0], dest)
+    for path, is_old in stale:
+        if dest.exists() or not is_old:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def sha256_bytes(data: bytes) -> str:

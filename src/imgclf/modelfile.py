@@ -8,11 +8,17 @@ timestamps and without the save date; Keras loads it as before.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import zipfile
+import zlib
 from pathlib import Path
+from typing import Iterator
 
-from imgclf.errors import ImgclfError
+import numpy as np
+
+from imgclf.errors import ImgclfError, one_line
 from imgclf.files import atomic_write
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: the same for every member and every run
@@ -47,12 +53,75 @@ def save(model, path: str | Path) -> Path:
     return atomic_write(path, write)
 
 
+# What a damaged archive raises from inside Keras, zipfile, json or h5py (a bad CRC, an h5 member that is not h5)
+_DAMAGED = (OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {one_line(exc)}"[:160]
+
+
 def load(path: str | Path):
     """Load a saved model for inference only; safe_mode refuses pickled Python lambdas in the file."""
     import keras
 
+    rerun = "rerun the train stage (`dvc repro`) to write it again, or pass a model saved by imgclf"
     try:
         return keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except ValueError as exc:  # safe mode's refusal, or not a Keras model file at all
-        reason = " ".join(str(exc).split())[:160]
-        raise ImgclfError(f"{path}: not loadable as a safe Keras model ({reason}); use a model saved by imgclf") from None
+        if not zipfile.is_zipfile(path):  # Keras calls a truncated file "not found"
+            raise ImgclfError(f"{path}: not a .keras zip archive (truncated, or another format); {rerun}") from None
+        raise ImgclfError(f"{path}: not loadable as a safe Keras model ({_reason(exc)}); {rerun}") from None
+    except _DAMAGED as exc:
+        raise ImgclfError(f"{path}: corrupt Keras model file ({_reason(exc)}); {rerun}") from None
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Put Python's and NumPy's global generators back: rebuilding layers draws initializer seeds from
+    Python's `random`, and the training that follows must compute exactly the numbers it did without the check."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _round_trip(obj) -> None:
+    """What save then load do to `obj`'s config: serialize, JSON and back, from_config in safe mode."""
+    import keras
+
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(obj)))
+    if "compile_config" in config:
+        config["compile_config"] = None  # load() never compiles
+    keras.saving.deserialize_keras_object(config, safe_mode=True)
+
+
+def _culprit(obj, error: Exception) -> tuple[str, Exception]:
+    """The innermost layer of `obj` whose own round trip fails (else `obj` itself) and its error: Keras
+    wraps a layer's error in its model's, whose message names neither."""
+    for layer in getattr(obj, "layers", []):
+        try:
+            _round_trip(layer)
+        except Exception as exc:
+            return _culprit(layer, exc)
+    return f"layer {obj.name!r} ({type(obj).__name__})", error
+
+
+def check_round_trip(model) -> None:
+    """Fail now, in one line naming the layer, if `model` could not be loaded back from its saved file.
+
+    save() and load() first exercise this after training: an unregistered custom layer would cost a whole
+    run, then fail. Any exception here means the saved model would not load, so all are reported alike.
+    """
+    with _random_state_kept():
+        try:
+            _round_trip(model)
+        except Exception as exc:
+            layer, error = _culprit(model, exc)
+            raise ImgclfError(
+                f"model {model.name!r}: {layer} does not survive a save and safe load ({_reason(error)}); "
+                "decorate custom layers with @keras.saving.register_keras_serializable(), give them a get_config() "
+                "and no Lambda (docs/extending.md)"
+            ) from None

@@ -17,7 +17,7 @@ import numpy as np
 
 from imgclf import sources
 from imgclf.errors import DataError, one_line
-from imgclf.files import new_temp_dir, replace_dir, sha256_bytes, write_json
+from imgclf.files import new_temp_dir, recover_dir, replace_dir, sha256_bytes, write_json
 from imgclf.paths import MANIFEST, PREPARED_DIR
 from imgclf.sources import Source
 
@@ -106,6 +106,7 @@ def _write_splits(folder: Path, splits: dict, source: Source, params: dict) -> d
 
 def prepare(params: dict, out_dir: str | Path = PREPARED_DIR) -> dict:
     """Load params["data"]'s source, split it with params["seed"], replace out_dir atomically; return the manifest."""
+    recover_dir(out_dir)  # first: a killed earlier prepare's old output is back even if this one fails
     data = params["data"]
     return write_prepared(sources.REGISTRY.get(data["dataset"]).load(data), params, out_dir)
 

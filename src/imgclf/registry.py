@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Generic, TypeVar
 
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, one_line
 
 T = TypeVar("T")
 
@@ -31,10 +32,25 @@ class Registry(Generic[T]):
         return plugin
 
     def _load(self) -> None:
+        """Import every plug-in module once; until all have imported, every call retries and fails alike."""
         if not self._loaded:
-            self._loaded = True
             for module in pkgutil.iter_modules(self.path):
-                importlib.import_module(f"{self.package}.{module.name}")
+                self._import(module)
+            self._loaded = True
+
+    def _import(self, module: pkgutil.ModuleInfo) -> None:
+        """Import one plug-in module; if it fails, forget what it registered, so that a retry (Python
+        runs a module that failed again) neither half-fills the registry nor finds a duplicate name."""
+        registered = dict(self._plugins)
+        try:
+            importlib.import_module(f"{self.package}.{module.name}")
+        except BaseException as exc:
+            self._plugins = registered
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C stays Ctrl-C
+            path = Path(module.module_finder.path, module.name if module.ispkg else f"{module.name}.py")
+            raise ImgclfError(f"{path}: the {self.kind} plug-in {self.package}.{module.name} failed to import "
+                              f"({type(exc).__name__}: {one_line(exc)}); fix or remove that file") from exc
 
     def names(self) -> tuple[str, ...]:
         self._load()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from imgclf.config import parse_yaml, validate
 from imgclf.errors import ImgclfError
@@ -15,8 +18,35 @@ ENV_TAGS = ("python_version", "tensorflow_version", "keras_version", "numpy_vers
             "cpu_count", "tf_intra_op_threads", "tf_inter_op_threads")
 
 
-def fetch_run(client, run_id: str):
-    """The MLflow run and the params.yaml it logged; a bad id is a one-line error."""
+def fill_later_keys(logged, defaults: dict, prefix: str = "") -> list[str]:
+    """Add to `logged` (in place) the keys of `defaults` it lacks, at any depth; return them, dotted."""
+    if not isinstance(logged, dict):
+        return []  # validation names the problem
+    filled = []
+    for key, value in defaults.items():
+        if key not in logged:
+            logged[key] = copy.deepcopy(value)
+            filled.append(f"{prefix}{key}")
+        elif isinstance(value, dict):
+            filled += fill_later_keys(logged[key], value, f"{prefix}{key}.")
+    return filled
+
+
+def repo_params(path: Path) -> dict:
+    """This repo's params.yaml as written (its values are what a key added since a run defaults to), or {}."""
+    try:
+        params = parse_yaml(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def fetch_run(client, run_id: str, defaults: Path = Path(PARAMS_FILE)):
+    """The MLflow run and the params.yaml it logged; a bad id is a one-line error.
+
+    A run logged before a params key existed gets that key's value from `defaults` (this repo's params.yaml),
+    and one line says which: the logged artifact cannot be edited, and the schema requires every key.
+    """
     import mlflow
 
     from imgclf.tracking import TrackingError, run_failure
@@ -29,7 +59,11 @@ def fetch_run(client, run_id: str):
     for tag in ("weights_sha256", "data_digest"):
         if tag not in run.data.tags:
             raise TrackingError(f"MLflow run {run_id} has no {tag} tag: it did not finish training; pick another run")
-    return run, validate(parse_yaml(text), f"{PARAMS_FILE} of run {run_id}")
+    params = parse_yaml(text)
+    filled = fill_later_keys(params, repo_params(defaults))
+    if filled:
+        print(f"{PARAMS_FILE} of run {run_id} predates {', '.join(filled)}: using their values in {defaults}")
+    return run, validate(params, f"{PARAMS_FILE} of run {run_id}")
 
 
 def check_same_data(run, prepared_dir: str | Path) -> None:

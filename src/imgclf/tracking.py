@@ -16,6 +16,8 @@ import hashlib
 import os
 import platform
 import re
+import secrets
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -55,6 +57,7 @@ class TrackingError(ImgclfError):
 
 
 RESUME = "rerun: training resumes from its last checkpoint"
+EVALUATED = "evaluated"  # tag set by `evaluate` once a run holds its final scores: the experiments table counts these
 
 
 def repo_root() -> Path:
@@ -164,6 +167,64 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def run_params(params: dict, model) -> dict[str, str]:
+    """What a training run logs as params, as MLflow stores them (strings)."""
+    return {k: str(v) for k, v in {**flatten(params), "model.num_params": model.count_params()}.items()}
+
+
+def run_name(params: dict, dataset: str, role: str = "") -> str:
+    """DVC's experiment name under `dvc exp run`, else `<family>-<dataset>-seed<seed>[-<role>]-<6 hex>`.
+
+    MLflow would draw its own name from Python's `random`, which train has just seeded: every run of a seed
+    would get the same name. The suffix comes from os.urandom instead.
+    """
+    parts = [params["model"]["arch"], dataset, f"seed{params['seed']}", role, secrets.token_hex(3)]
+    return os.environ.get("DVC_EXP_NAME") or "-".join(p for p in parts if p)
+
+
+def owner_tags() -> dict[str, str]:
+    """The process writing a run, so that a later run can tell a run left RUNNING by a kill -9 from a live one."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # pids name the same process only within one namespace
+    except OSError:
+        namespace = ""
+    return {"host": socket.gethostname(), "pid_namespace": namespace, "pid": str(os.getpid())}
+
+
+def _process_gone(pid: str) -> bool:
+    """Whether no process `pid` exists on this machine (False when unsure: never end a live run)."""
+    if not pid.isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    return False
+
+
+def _end_if_orphan(client, run, me: dict[str, str]) -> None:
+    """End `run` KILLED if it is RUNNING although the process of this machine that wrote it is gone (a kill -9).
+
+    Only when that process is known to be dead: a queued experiment training beside this one, or a run of
+    another machine or pid namespace, stays RUNNING.
+    """
+    tags = run.data.tags
+    if run.info.status == "RUNNING" and all(tags.get(k) == me[k] for k in ("host", "pid_namespace")) \
+            and _process_gone(tags.get("pid", "")):
+        client.set_terminated(run.info.run_id, "KILLED")
+        print(f"MLflow run {run.info.run_id} ({run.info.run_name}) was left RUNNING by process {tags['pid']}, "
+              "which is gone: ended it KILLED")
+
+
+def _claim(run_id: str) -> None:
+    """Record this process as the run's writer before reopening it, so no other process takes it for an orphan."""
+    from mlflow.entities import RunTag
+
+    mlflow.tracking.MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in owner_tags().items()])
+
+
 def git_facts(root: Path) -> dict[str, str]:
     """Commit and dirty flag of the repo (tracked files only), or 'unknown' outside git."""
     def git(*args: str) -> str:
@@ -173,6 +234,20 @@ def git_facts(root: Path) -> dict[str, str]:
         return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain", "-uno")))}
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def lineage_tags() -> dict[str, str]:
+    """git_commit and git_dirty of the tree this run trains from; under `dvc exp run`, its baseline commit.
+
+    A queued experiment may run hours after it was queued, in DVC's temporary copy, while the workspace
+    (DVC_ROOT) is at another commit by then: the commit is the experiment's baseline (DVC_EXP_BASELINE_REV),
+    and the dirty flag that of the tree the stage runs in (the working directory: DVC's copy, or the workspace).
+    """
+    facts = git_facts(Path.cwd())
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
+    if baseline:
+        facts |= {"git_commit": baseline, "dvc_exp_baseline_rev": baseline}
+    return facts
 
 
 def environment_tags(device: str) -> dict[str, str]:
@@ -251,42 +326,78 @@ class Tracker:
     @contextlib.contextmanager
     def training_run(self, params: dict, manifest: dict, model, device: str, resume_run_id: str | None = None,
                      tags: dict | None = None) -> Iterator["TrainingRun"]:
-        """A run holding params and lineage (the interrupted one when resuming); it ends FAILED on an
-        error and KILLED on Ctrl-C/SIGTERM."""
+        """A run holding params and lineage (the interrupted one when resuming, unless it logged other
+        params: then a new run tagged `resumed_from`); it ends FAILED on an error and KILLED on Ctrl-C/SIGTERM."""
         with store_errors(RESUME):
-            run = self._start(resume_run_id)
+            run = self._start(resume_run_id, run_params(params, model), run_name(params, manifest["dataset"]))
         with _ends_active_run(RESUME):
             handle = TrainingRun(run.info.run_id, self.register_as)
-            handle.log_start(params, manifest, model, device, tags or {})
+            resumed = {"resumed_from": resume_run_id} if resume_run_id not in (None, handle.run_id) else {}
+            handle.log_start(params, manifest, model, device, {**(tags or {}), **resumed})
             yield handle
 
-    def _start(self, resume_run_id: str | None):
+    def _start(self, resume_run_id: str | None, params: dict[str, str], name: str):
         """Reopen the run a checkpoint names, else join `mlflow run`'s run, else start a new one."""
-        if resume_run_id:
-            try:
-                return mlflow.start_run(run_id=resume_run_id)
-            except mlflow.exceptions.MlflowException as exc:
-                if unreachable(exc):
-                    raise
-                print(f"MLflow run {resume_run_id} of the checkpoint is not in this store; starting a new run")
+        if resume_run_id and self._may_reopen(resume_run_id, params):
+            _claim(resume_run_id)
+            return mlflow.start_run(run_id=resume_run_id)
         if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run already: log into it
-            return mlflow.start_run()
-        return mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
+            run = mlflow.start_run()
+            mlflow.set_tags(owner_tags())
+            return run
+        return self._new_run(name)
+
+    @staticmethod
+    def _may_reopen(run_id: str, params: dict[str, str]) -> bool:
+        """Whether the checkpoint's run is in this store and logged no other value of these params.
+
+        A run's params must describe its metrics: when a param outside the checkpoint's fingerprint changed
+        (data.path, evaluate.tta, tracking.*), training still resumes from the checkpoint, in a new run.
+        """
+        client = mlflow.tracking.MlflowClient()
+        try:
+            run = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException as exc:
+            if unreachable(exc):
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage != "active":
+            print(f"MLflow run {run_id} of the checkpoint is not in this store; starting a new run")
+            return False
+        changed = sorted(k for k, v in params.items() if run.data.params.get(k, v) != v)
+        if changed:
+            print(f"{', '.join(changed)} differ from MLflow run {run_id} of the checkpoint: training resumes from "
+                  "the checkpoint in a new run (tag resumed_from), as a run's params must describe its metrics")
+            _end_if_orphan(client, run, owner_tags())  # it may be in another experiment than the new run
+        return not changed
+
+    def _new_run(self, name: str):
+        """A new run of the experiment, named `name` and owned by this process; ends the orphans first."""
+        self._end_orphans()
+        return mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=owner_tags())
+
+    def _end_orphans(self) -> None:
+        """End KILLED the experiment's runs that a process of this machine left RUNNING when it died."""
+        me, client = owner_tags(), mlflow.tracking.MlflowClient()
+        query = f"attributes.status = 'RUNNING' and tags.host = '{me['host']}'"
+        for run in client.search_runs([self.experiment_id], query):
+            _end_if_orphan(client, run, me)
 
     @contextlib.contextmanager
-    def evaluation_run(self, run_id: str | None, weights_sha256: str, tta: str) -> Iterator[str]:
+    def evaluation_run(self, run_id: str | None, weights_sha256: str, tta: str, name: str) -> Iterator[str]:
         """The run that trained this model, reopened for its evaluation; it ends FINISHED, FAILED or KILLED.
 
-        A new run (tagged `evaluation_of` and `weights_sha256`) instead when this machine has no record of
-        the training run (reports/run.json), or the run logged another `evaluate.tta`: a run's params
+        A new run named `name` (tagged `evaluation_of` and `weights_sha256`) instead when this machine has no
+        record of the training run (reports/run.json), or the run logged another `evaluate.tta`: a run's params
         must describe its metrics.
         """
         reopen = self._evaluates_as_trained(run_id, tta)
         try:
             if reopen:
+                _claim(run_id)
                 mlflow.start_run(run_id=run_id)
             else:
-                mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None)
+                self._new_run(name)
         except mlflow.exceptions.MlflowException as exc:
             raise run_failure(run_id or "(new)", exc, "rerun the evaluate stage") from None
         with _ends_active_run("rerun the evaluate stage"):
@@ -323,9 +434,9 @@ class TrainingRun:
 
     def log_start(self, params: dict, manifest: dict, model, device: str, tags: dict) -> None:
         """Params as used (flattened with dots), lineage and environment tags, the data as an input."""
-        mlflow.log_params({**flatten(params), "model.num_params": model.count_params()})
+        mlflow.log_params(run_params(params, model))  # equal values only, when resuming (see Tracker._may_reopen)
         mlflow.set_tags({
-            **git_facts(repo_root()),
+            **lineage_tags(),
             **environment_tags(device),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "data_digest": manifest["digest"],

@@ -33,6 +33,7 @@ def build_compiled(params: dict, num_classes: int, strategy, x_train: np.ndarray
     with strategy.scope(), precision_policy(cfg["mixed_precision"]):
         model = family.build(params, num_classes, x_train)
         family.compile(model, params, steps_per_epoch(len(x_train), cfg["batch_size"]))
+    modelfile.check_round_trip(model)  # a layer that would not load back fails now, not after training
     return model
 
 
@@ -118,12 +119,12 @@ def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: P
     (x_train, y_train), (x_dev, y_dev) = splits["train"], splits["dev"]
     steps = steps_per_epoch(len(x_train), cfg["batch_size"])
     early = early_stopping.make(cfg["early_stopping"]["monitor"], cfg["early_stopping"]["patience"])
-    collapse = CollapseDetector(model.output_shape[-1], cfg["stop_on_collapse"])
+    collapse = CollapseDetector(model.output_shape[-1], cfg["stop_on_collapse"], y_dev)
     extra = family.callbacks(params, steps)
     stateful = [early, collapse, *(c for c in extra if hasattr(c, "state_name"))]
     first_epoch, done = (resume["epoch"], resume["history"]) if resume else (0, [])
     if resume:
-        checkpoint.restore_callbacks(stateful, resume, ckpt_dir)
+        checkpoint.restore_callbacks(stateful, resume)
         if early.stopped_epoch or (collapse.collapsed_epoch and cfg["stop_on_collapse"]):
             first_epoch = cfg["training_epochs"]  # it had stopped: nothing left to train
     saver = checkpoint.EpochCheckpoint(ckpt_dir, fingerprint, done, stateful, run.run_id, write=write)
@@ -139,6 +140,10 @@ def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: P
         model.fit(dataset, epochs=cfg["training_epochs"], initial_epoch=first_epoch, steps_per_epoch=steps,
                   shuffle=False,  # the dataset shuffles itself, per epoch, from the seed
                   callbacks=callbacks, verbose=progress_verbosity())
+    else:  # killed after its last epoch: end as fit() ended (monitor=val_loss puts the best weights back)
+        for callback in callbacks:
+            callback.set_model(model)
+            callback.on_train_end()
     summary = {**early.summary(), **collapse.summary(), "stop_reason": stop_reason(early, collapse,
                                                                                     cfg["stop_on_collapse"])}
     return saver.history, summary
@@ -152,7 +157,8 @@ def _resume(model, strategy, ckpt_dir: Path, fingerprint: str, chief: bool) -> d
     resume = checkpoint.load(ckpt_dir, fingerprint, clear_stale=chief)
     if resume:
         with strategy.scope():  # restoring builds the optimizer's variables: they must be mirrored too
-            checkpoint.restore(model, resume, ckpt_dir)
+            resume = checkpoint.restore(model, resume, ckpt_dir, clear_unusable=chief)
+    if resume:
         print(f"Resuming after epoch {resume['epoch']} from {ckpt_dir}")
     distribute.check_same_start(strategy, resume["epoch"] if resume else 0)
     return resume
@@ -160,15 +166,27 @@ def _resume(model, strategy, ckpt_dir: Path, fingerprint: str, chief: bool) -> d
 
 def _save(trained, history: list[dict], summary: dict, run_info: dict, run, paths: dict, chief: bool) -> None:
     """Log the end of training, then write every output atomically: a killed process or a failed upload
-    never leaves a model on disk that looks finished. Only the chief writes files."""
+    never leaves a model on disk that looks finished. Only the chief writes files.
+
+    A signal that arrives during the writes is only recorded (training defers signals), so it is checked
+    for once they are done: the model, train.json and run.json are removed again and the run ends KILLED;
+    so are they after a failed write (the run ends FAILED)."""
     if chief:
         write_history(history, paths["reports"])
     run.log_training_end(summary | run_info, trained, paths["reports"])
     raise_if_interrupted()  # a signal during the upload: no model that looks finished
-    if chief:
-        modelfile.save(trained, paths["model"])
-        write_json(paths["reports"] / TRAIN_SUMMARY, summary)
-        write_json(paths["reports"] / RUN_INFO, run_info)
+    if not chief:
+        return
+    outputs = (paths["model"], paths["reports"] / TRAIN_SUMMARY, paths["reports"] / RUN_INFO)
+    try:
+        modelfile.save(trained, outputs[0])
+        write_json(outputs[1], summary)
+        write_json(outputs[2], run_info)
+        raise_if_interrupted()
+    except BaseException:
+        for path in outputs:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,

@@ -8,6 +8,12 @@ L2, learning rate and weight decay quoted per 1024 examples, BN biases at 64x th
 piecewise-linear per-step schedule, label smoothing, lookahead of the weights and BN statistics, and
 random translation with alternating flips in the input pipeline (augment.py). Its knobs are
 `model.fast.*`; the `fast` preset of `imgclf experiments` sets the rest (batch size, epochs, TTA).
+
+`model.fast.optimizer: muon` is airbench94_muon's recipe instead: Muon (optimizers.Muon) on every trainable
+conv kernel, Nesterov SGD on the whitening bias, BN biases and head at their own learning rates
+(`model.fast.muon.*`, airbench's summed-loss units), every learning rate decaying linearly to 0 (the
+whitening bias's over its `whiten_bias_epochs`), and the head as airbench94_muon has it: weights of std 1,
+logits divided by the last width. The `fast_muon` preset adds batch 2000, 8 epochs and no lookahead.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ BN_EPSILON = 1e-12
 LR_SCHEDULE = (0.2, 0.23, 1.0, 0.07)  # lr factor: 0.2 at step 0, 1.0 at 23 % of the steps, 0.07 at the end
 LOOKAHEAD_DECAY = 0.95      # per step; a sync every k steps uses 0.95**k * (step / total)**3
 LOOKAHEAD_FROM_EPOCH = 3    # 1-based epoch of the first lookahead sync
+OPTIMIZERS = ("nesterov", "muon")
 
 PARAMS = {"model": {"fast": {
     "widths": Key(LIST, lambda v: bool(v) and positive_ints(v), "a non-empty list of positive ints"),
@@ -39,7 +46,33 @@ PARAMS = {"model": {"fast": {
     "lookahead_every": Key(INT, lambda v: v >= 0, ">= 0 (0: no lookahead)"),
     "translate": Key(INT, lambda v: v >= 0, ">= 0"),
     "flip": one_of(FLIPS),
+    "optimizer": one_of(OPTIMIZERS),
+    "muon": {
+        "learning_rate": Key(NUM, finite(0), "> 0"),
+        "momentum": Key(NUM, finite(0, 1, low_open=False), "in [0, 1)"),
+        "bias_learning_rate": Key(NUM, finite(0), "> 0"),
+        "head_learning_rate": Key(NUM, finite(0), "> 0"),
+        "weight_decay": Key(NUM, finite(0, low_open=False), ">= 0"),
+    },
 }}}
+
+
+def check(params: dict) -> list[str]:
+    """The image must survive the whitening conv and every block's pool; translation needs room to reflect."""
+    if params["model"]["arch"] != "fast":
+        return []
+    knobs, size, problems = params["model"]["fast"], params["data"]["image_size"], []
+    side = size - (WHITEN_KERNEL - 1)
+    for _ in knobs["widths"]:
+        side //= 2
+    if side < 1:
+        problems.append(f"data.image_size={size}: too small for {len(knobs['widths'])} blocks of model.fast.widths "
+                        f"(each halves the image after the {WHITEN_KERNEL}x{WHITEN_KERNEL} whitening conv); "
+                        f"use larger images or fewer widths")
+    if knobs["translate"] >= size:
+        problems.append(f"model.fast.translate={knobs['translate']}: must be below data.image_size ({size}), "
+                        "reflect padding needs that many pixels")
+    return problems
 
 
 def _uniform():
@@ -113,15 +146,19 @@ def build(params: dict, num_classes: int, x_train: np.ndarray):
     for i, width in enumerate(knobs["widths"], start=1):
         x = _conv_group(x, width, knobs["batchnorm_momentum"], f"block{i}")
     x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
-    x = keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=_uniform(), name="head",
-                           dtype="float32")(x)
-    logits = keras.layers.Rescaling(LOGIT_SCALE, name="logit_scale", dtype="float32")(x)
+    head = keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=_uniform(), name="head",
+                              dtype="float32")
+    muon = knobs["optimizer"] == "muon"  # airbench94_muon's head: logits / last width, weights of std 1
+    logits = keras.layers.Rescaling(1 / knobs["widths"][-1] if muon else LOGIT_SCALE, name="logit_scale",
+                                    dtype="float32")(head(x))
     model = keras.Model(inputs, logits, name="fast_cnn")
     whiten.kernel.assign(whitening_kernel((sample / 255.0 - mean) / std).astype(np.float32))
     whiten.kernel.trainable = False
     for layer in model.layers:
         if layer.name.endswith(("_conv1", "_conv2")):
             layer.kernel.assign(dirac(layer.kernel.numpy()))
+    if muon:
+        head.kernel.assign(head.kernel.numpy() / head.kernel.numpy().std())
     return model
 
 
@@ -149,8 +186,15 @@ def smoothed_cross_entropy(smoothing: float, num_classes: int):
     return loss
 
 
-def compile_model(model, params: dict, steps_per_epoch: int) -> None:
-    """Nesterov SGD as airbench runs it, converted from its summed loss to Keras' mean loss."""
+def linear_decay(step, total_steps: int):
+    """airbench94_muon's schedule for every learning rate: 1 at step 0, down to 0 at total_steps."""
+    from keras import ops
+
+    return 1.0 - ops.cast(step, "float32") / float(max(total_steps, 1))
+
+
+def nesterov(model, params: dict, steps_per_epoch: int):
+    """airbench94's Nesterov SGD, converted from its summed loss to Keras' mean loss."""
     import keras
 
     from imgclf.optimizers import NesterovSGD
@@ -158,13 +202,47 @@ def compile_model(model, params: dict, steps_per_epoch: int) -> None:
     knobs, cfg = params["model"]["fast"], params["train"]
     kilostep = 1024 * (1 + 1 / (1 - knobs["momentum"]))  # airbench: lr and decay are quoted per 1024 examples
     betas = [layer.beta.path for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    total = steps_per_epoch * cfg["training_epochs"]
-    optimizer = NesterovSGD(
-        learning_rate=knobs["learning_rate"] * cfg["batch_size"] / kilostep, schedule=(lr_factor, total),
+    return NesterovSGD(
+        learning_rate=knobs["learning_rate"] * cfg["batch_size"] / kilostep,
+        schedule=(lr_factor, steps_per_epoch * cfg["training_epochs"]),
         momentum=knobs["momentum"], l2=knobs["weight_decay"] / knobs["learning_rate"],
         scales={path: knobs["bias_lr_scale"] for path in betas},
         frozen_after={model.get_layer("whiten").bias.path: knobs["whiten_bias_epochs"] * steps_per_epoch})
-    model.compile(optimizer=optimizer, jit_compile=cfg["jit_compile"],
+
+
+def muon(model, params: dict, steps_per_epoch: int):
+    """airbench94_muon's two optimizers as one: Muon on the conv kernels, Nesterov SGD on the rest.
+
+    airbench gives each SGD group its own lr and weight decay wd / lr on a summed loss, so the decay step
+    is wd * w for every group: a gradient scale of lr * batch (summed from mean) and l2 = wd do the same.
+    """
+    import keras
+
+    from imgclf.optimizers import Muon
+
+    knobs, cfg = params["model"]["fast"], params["train"]
+    rates, batch = knobs["muon"], cfg["batch_size"]
+    whiten_bias = model.get_layer("whiten").bias.path
+    biases = [whiten_bias, *(layer.beta.path for layer in model.layers
+                             if isinstance(layer, keras.layers.BatchNormalization))]
+    scales = {path: rates["bias_learning_rate"] * batch for path in biases}
+    scales[model.get_layer("head").kernel.path] = rates["head_learning_rate"] * batch
+    whiten_steps = knobs["whiten_bias_epochs"] * steps_per_epoch
+    return Muon(
+        learning_rate=1.0, schedule=(linear_decay, steps_per_epoch * cfg["training_epochs"]),
+        momentum=knobs["momentum"], l2=rates["weight_decay"] * batch, scales=scales,
+        frozen_after={whiten_bias: whiten_steps}, schedule_totals={whiten_bias: whiten_steps},
+        muon_paths=[v.path for v in model.trainable_variables if len(v.shape) == 4],
+        muon_learning_rate=rates["learning_rate"], muon_momentum=rates["momentum"])
+
+
+def compile_model(model, params: dict, steps_per_epoch: int) -> None:
+    """The optimizer `model.fast.optimizer` names, label-smoothed cross-entropy and accuracy."""
+    import keras
+
+    knobs = params["model"]["fast"]
+    optimizer = {"nesterov": nesterov, "muon": muon}[knobs["optimizer"]](model, params, steps_per_epoch)
+    model.compile(optimizer=optimizer, jit_compile=params["train"]["jit_compile"],
                   loss=smoothed_cross_entropy(knobs["label_smoothing"], model.output_shape[-1]),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
 
@@ -183,5 +261,5 @@ def callbacks(params: dict, steps_per_epoch: int) -> list:
     return [Lookahead(every, total, start, LOOKAHEAD_DECAY)] if every else []
 
 
-REGISTRY.register("fast", Family(params=PARAMS, build=build, compile=compile_model, augment=augment,
+REGISTRY.register("fast", Family(params=PARAMS, build=build, compile=compile_model, check=check, augment=augment,
                                  callbacks=callbacks))

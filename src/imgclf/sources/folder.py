@@ -16,10 +16,21 @@ from imgclf.sources import REGISTRY, DataSource, Source, existing_path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    """One line for a file or folder the OS refuses (broken symlink, symlink loop, permissions)."""
+    hint = "; a broken symlink?" if path.is_symlink() and not path.exists() else ""
+    return DataError(f"{path}: unreadable ({exc.strerror or exc}{hint}); fix or remove it")
+
+
+def _refuse_folder(exc: OSError) -> None:
+    # os.walk skips a folder it cannot list unless told otherwise: its images would vanish silently
+    raise _unreadable(Path(exc.filename), exc)
+
+
 def _class_images(class_dir: Path) -> list[Path]:
     """Image files under class_dir (recursively, like Keras), sorted; dotfiles skipped, others refused."""
     images = []
-    for root, dirs, names in os.walk(class_dir):
+    for root, dirs, names in os.walk(class_dir, onerror=_refuse_folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:
             path = Path(root, name)
@@ -36,7 +47,11 @@ def _class_images(class_dir: Path) -> list[Path]:
 def _list_split(split_dir: Path) -> tuple[list[str], list[Path], np.ndarray]:
     """Class names, image files and labels of one split folder laid out as <class>/<image>."""
     classes = []
-    for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+    try:
+        entries = sorted(split_dir.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise _unreadable(split_dir, exc) from None
+    for entry in entries:
         if entry.name.startswith("."):
             continue
         if not entry.is_dir():
@@ -54,7 +69,10 @@ def _decode_files(files: list[Path], root: Path, hashes: list[str], size: int) -
     """Decode `files` in order into one array, appending "relpath:sha256" lines to `hashes`."""
     x = np.empty((len(files), size, size, 3), np.uint8)
     for i, path in enumerate(files):
-        data = path.read_bytes()  # read once: hashed and decoded from the same bytes
+        try:
+            data = path.read_bytes()  # read once: hashed and decoded from the same bytes
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
         hashes.append(f"{path.relative_to(root).as_posix()}:{sha256_bytes(data)}")
         x[i] = decode_image(data, path, size)
     return x

@@ -1,0 +1,143 @@
+"""Which MLflow run `train` logs into and how it is named and tagged (imgclf.tracking), on a real sqlite store."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, pipeline_env, run
+from imgclf.config import apply_overrides
+from imgclf.tracking import Tracker
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+MANIFEST = {"digest": "d" * 64, "dataset": "digits", "source": {"path": None}}
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty sqlite store: creating MLflow's tables takes seconds, copying the file does not."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def store_in(folder: Path, empty_store: Path) -> MlflowClient:
+    shutil.copy(empty_store, folder / "mlflow.db")
+    return MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch, empty_store) -> MlflowClient:
+    """The default store (sqlite under the working directory), outside DVC and `mlflow run`."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    return store_in(tmp_path, empty_store)
+
+
+def params(*overrides: str) -> dict:
+    return apply_overrides(copy.deepcopy(PARAMS), list(overrides))
+
+
+def start(p: dict, resume_run_id: str | None = None, interrupt: bool = False) -> str:
+    """Open (and end) train's run the way train() does, after seeding `random` as train does; its id.
+
+    interrupt=True ends it like a Ctrl-C / SIGTERM, leaving a checkpoint that names it."""
+    random.seed(p["seed"])
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    try:
+        with Tracker.connect(p["tracking"]).training_run(p, MANIFEST, model, "CPU: test", resume_run_id) as handle:
+            if interrupt:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    return handle.run_id
+
+
+def dead_pid() -> str:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return str(proc.pid)
+
+
+def test_resume_after_non_identity_params_changed_continues_in_a_new_run(client, capsys):
+    old = start(params(), interrupt=True)
+    client.update_run(old, status="RUNNING")  # as a kill -9 leaves it
+    client.set_tag(old, "pid", dead_pid())
+    changed = params("data.path=/tmp/elsewhere", "evaluate.tta=flip", "tracking.experiment=other")
+    new = start(changed, resume_run_id=old)
+    assert new != old
+    assert "data.path, evaluate.tta, tracking.experiment differ from MLflow run" in capsys.readouterr().out
+    before = client.get_run(old)
+    assert before.data.params["evaluate.tta"] == "none"  # the old run's params are untouched ...
+    assert before.info.status == "KILLED"  # ... and it no longer looks alive, although in another experiment
+    after = client.get_run(new)
+    assert after.data.params["evaluate.tta"] == "flip" and after.data.params["data.path"] == "/tmp/elsewhere"
+    assert after.data.tags["resumed_from"] == old and after.info.status == "FINISHED"
+
+
+def test_resume_with_the_same_params_reopens_the_run_and_logs_keys_added_since(client):
+    older = params()
+    del older["train"]["stop_on_collapse"]  # a run logged before the key existed
+    old = start(older, interrupt=True)
+    assert start(params(), resume_run_id=old) == old
+    assert client.get_run(old).data.params["train.stop_on_collapse"] == "True"
+
+
+def test_a_queued_experiment_records_its_baseline_commit_not_the_workspace_head(client, tmp_path, monkeypatch,
+                                                                                empty_store):
+    workspace, experiment = tmp_path / "workspace", tmp_path / "experiment"
+    workspace.mkdir()
+    for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "baseline"]):
+        run(cmd, workspace, pipeline_env())
+    baseline = run(["git", "rev-parse", "HEAD"], workspace).stdout.strip()
+    run(["git", "clone", "-q", str(workspace), str(experiment)], tmp_path)  # DVC's copy, at the baseline
+    (workspace / "code.py").write_text("later\n")
+    for cmd in (["git", "add", "code.py"], ["git", "commit", "-qm", "later"]):  # the workspace moved on ...
+        run(cmd, workspace, pipeline_env())
+    (workspace / "code.py").write_text("edited\n")  # ... and is dirty
+    monkeypatch.chdir(experiment)
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
+    tags = store_in(workspace, empty_store).get_run(start(params())).data.tags
+    assert (tags["git_commit"], tags["git_dirty"]) == (baseline, "False")
+    assert tags["dvc_exp_baseline_rev"] == baseline
+
+
+def test_default_run_names_say_what_they_are_and_differ_under_one_seed(client, monkeypatch):
+    first, second = (client.get_run(start(params())).info.run_name for _ in range(2))
+    assert first.startswith("report-digits-seed51-") and second.startswith("report-digits-seed51-")
+    assert first != second  # MLflow's own names come from `random`, which train has just seeded
+    monkeypatch.setenv("DVC_EXP_NAME", "sunny-lake")
+    assert client.get_run(start(params())).info.run_name == "sunny-lake"
+
+
+def test_runs_left_running_by_a_dead_process_are_ended_killed(client):
+    dead = dead_pid()
+    start(params())  # creates the experiment
+    exp = client.get_experiment_by_name(PARAMS["tracking"]["experiment"]).experiment_id
+    here = client.get_run(start(params())).data.tags
+    assert here["host"] == socket.gethostname() and int(here["pid"]) > 0
+    owner = {k: here[k] for k in ("host", "pid_namespace")}
+
+    def running(**tags) -> str:
+        return client.create_run(exp, tags={**owner, **tags}).info.run_id
+
+    orphan = running(pid=dead)
+    alive = running(pid=str(os.getpid()))  # e.g. a queued experiment training beside us
+    elsewhere = running(pid=dead, host="another-machine")
+    untagged = client.create_run(exp).info.run_id  # not ours to judge: no process recorded
+    start(params())
+    status = {r: client.get_run(r).info.status for r in (orphan, alive, elsewhere, untagged)}
+    assert status == {orphan: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
