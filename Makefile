@@ -1,6 +1,8 @@
 # make run   : create .venv if missing, then run the whole pipeline (dvc repro)
 # make test  : create .venv if missing, then the whole test suite
 # make setup : create or update .venv from requirements.lock + the package (editable)
+# make team-server : the team's MLflow server on PostgreSQL (docs/team.md); TEAM_DIR, TEAM_HOST, TEAM_PORT
+# make system-deps : PostgreSQL 15 and sshd from Debian's packages when missing (root; team mode's tests)
 # make setup GPU=1 : the same with TensorFlow's CUDA build (tensorflow[and-cuda], the lock's version) instead
 #                    of tensorflow-cpu; later make run/test keep it; make setup GPU=0 goes back to the CPU build
 PYTHON ?= python3.11
@@ -14,7 +16,7 @@ STAMP  := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: setup run test lock clean-venv
+.PHONY: setup run test lock clean-venv system-deps team-server
 
 setup: $(STAMP)
 
@@ -39,8 +41,17 @@ run: $(STAMP)
 	$(BIN)/imgclf validate
 	$(BIN)/dvc repro
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
+
+system-deps:
+	bash scripts/system_deps.sh
+
+TEAM_DIR  ?= team-server
+TEAM_HOST ?= 127.0.0.1
+TEAM_PORT ?= 5000
+team-server: $(STAMP) system-deps
+	$(BIN)/imgclf-team serve --dir $(TEAM_DIR) --host $(TEAM_HOST) --port $(TEAM_PORT)
 
 # The lock is the CPU environment: a GPU venv is switched back to tensorflow-cpu first.
 lock: $(VENV)/.installed

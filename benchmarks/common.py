@@ -15,11 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cpu_header() -> str:
     """The CPU model and the ISA flags that decide oneDNN's kernels (and bf16's speed), for every table header."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"CPU: {model}, {os.cpu_count()} cores, flags: {' '.join(isa) or 'none of avx2/avx512f/avx512_bf16/amx_bf16'}"
+    from imgclf.machine import cpu_facts
+
+    facts = cpu_facts()
+    return f"CPU: {facts['cpu_model']}, {os.cpu_count()} cores, flags: {facts['cpu_isa']}"
 
 
 def child_env() -> dict[str, str]:

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, TINY, UNTIL_INTERRUPTED, finished_runs, free_port, pipeline_env, run, set_args
 from conftest import wait_for_metric
 from imgclf.early_stopping import make as early_stopping
+from imgclf.machine import cpu_facts
 from imgclf.modelfile import load as load_model
 from imgclf.tracking import flatten
 
@@ -57,6 +58,7 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
         assert r.data.tags["dvc_exp_baseline_rev"] == r.data.tags["git_commit"] == head  # DVC passes it to stages
         assert r.data.tags["evaluated"] == "true" and "resumed_from" not in r.data.tags
         assert r.data.tags["tensorflow_version"] and r.data.tags["device"].startswith(("CPU", "GPU"))
+        assert {k: r.data.tags[k] for k in ("cpu_model", "cpu_isa")} == cpu_facts()  # which oneDNN kernels ran
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"history.csv", "loss.png", "confusion_matrix.png", "params.yaml", "data"} <= artifacts
         assert r.inputs.dataset_inputs[0].dataset.digest == r.data.tags["data_digest"][:36]

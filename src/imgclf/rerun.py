@@ -10,12 +10,14 @@ import yaml
 
 from imgclf.config import parse_yaml, validate
 from imgclf.errors import ImgclfError
+from imgclf.machine import ONEDNN_SWITCHES
 from imgclf.paths import PARAMS_FILE, PREPARED_DIR
 from imgclf.prepared import load_prepared
 
-# Tags whose difference explains a DIFF: see tracking.environment_tags.
+# Tags whose difference explains a DIFF: see tracking.environment_tags and machine.cpu_facts.
 ENV_TAGS = ("python_version", "tensorflow_version", "keras_version", "numpy_version", "platform", "device",
-            "cpu_count", "tf_intra_op_threads", "tf_inter_op_threads")
+            "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES), "cpu_count", "tf_intra_op_threads",
+            "tf_inter_op_threads")
 
 
 def fill_later_keys(logged, defaults: dict, prefix: str = "") -> list[str]:

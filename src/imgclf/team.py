@@ -32,11 +32,14 @@ import requests
 
 from imgclf.errors import ImgclfError, install_handlers, os_error_line
 
+# move-in imports TensorFlow (through imgclf.tracking), whose C++ start-up chatter hides our one-line errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 PG_USER = "imgclf"       # the cluster's superuser: only the MLflow server logs in, with the password in DIR
 DATABASE = "mlflow"
 PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin",)   # Debian's postgresql-15 (scripts/system_deps.sh installs it)
 STOP_SECONDS = 30.0      # how long each service gets to stop before it is forced
-MLFLOW_START_SECONDS = 300.0  # a first start creates MLflow's ~60 tables through its migrations: slow on 2 cores
+MLFLOW_START_SECONDS = 300.0  # a first start runs MLflow's schema migrations: room for a loaded machine
 PG_START_SECONDS = 60.0
 
 
@@ -113,6 +116,8 @@ def check_port(host: str, port: int, flag: str) -> None:
     """Fail in one line when `host:port` cannot be listened on (taken, or not this machine's address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as sock:
+        # As the servers bind: connections of a server stopped a moment ago (TIME_WAIT) must not count as taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -234,15 +239,21 @@ def ensure_database(port: int, password: str) -> None:
         conn.close()
 
 
-def local_address(host: str) -> str:
-    """The address to reach a server listening on `host` from this machine."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def http_uri(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def local_uri(host: str, port: int) -> str:
+    """The URI that reaches a server listening on `host` from this machine."""
+    return http_uri({"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host), port)
 
 
 def public_uri(host: str, port: int) -> str:
     """The tracking URI to hand out: this machine's name when the server listens on every interface."""
-    name = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
-    return f"http://[{name}]:{port}" if ":" in name else f"http://{name}:{port}"
+    return http_uri(socket.gethostname() if host in WILDCARDS else host, port)
 
 
 def start_mlflow(team: TeamDir, args: argparse.Namespace, pg_port: int, password: str) -> Service:
@@ -257,9 +268,7 @@ def start_mlflow(team: TeamDir, args: argparse.Namespace, pg_port: int, password
     with open(team.mlflow_log, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     service = Service("MLflow server", proc, team.mlflow_log, signal.SIGTERM, signal.SIGKILL, group=True)
-    url = f"http://{local_address(args.host)}:{args.port}/health"
-    host = local_address(args.host)
-    url = f"http://[{host}]:{args.port}/health" if ":" in host else url
+    url = f"{local_uri(args.host, args.port)}/health"
 
     def healthy() -> bool:
         try:
@@ -357,6 +366,12 @@ def serve(args: argparse.Namespace) -> int:
             print(f"imgclf-team: stopped; data kept in {team.root}", flush=True)
 
 
+def move_in(args: argparse.Namespace) -> int:
+    from imgclf import move_in as mover
+
+    return mover.main(args.source, args.target, args.experiment)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf-team", description="Team mode: a shared MLflow server on "
                                      "PostgreSQL (docs/team.md).")
@@ -378,8 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     mov.add_argument("--to", dest="target", default=os.environ.get("MLFLOW_TRACKING_URI"),
                      help="the team server (default: MLFLOW_TRACKING_URI)")
     mov.add_argument("--experiment", action="append", default=[], help="only this experiment (repeatable)")
-    mov.set_defaults(func=lambda a: __import__("imgclf.move_in", fromlist=["main"]).main(a.source, a.target,
-                                                                                       a.experiment))
+    mov.set_defaults(func=move_in)
     return parser
 
 

@@ -35,6 +35,7 @@ from mlflow.environment_variables import (
 )
 
 from imgclf.errors import ImgclfError
+from imgclf.machine import cpu_facts
 from imgclf.metrics import EPOCH_METRICS
 from imgclf.paths import HISTORY_CSV, LOSS_PNG, MLFLOW_DB, MLRUNS_DIR
 
@@ -118,6 +119,23 @@ def store_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def after_lost_race(insert, recover):
+    """`insert()`; when it loses a get-or-create race (another process added the same experiment or dataset row
+    between MLflow's lookup and its insert), `recover()`, which finds that row now.
+
+    store_lock serialises one machine's processes on a sqlite file; a tracking server has no lock across its
+    clients, and answers the losing insert with a unique-key violation (PostgreSQL) or RESOURCE_ALREADY_EXISTS.
+    """
+    try:
+        return insert()
+    except mlflow.exceptions.MlflowException as exc:
+        text = str(exc)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" and "UNIQUE constraint failed" not in text \
+                and "duplicate key value violates unique constraint" not in text:
+            raise
+        return recover()
 
 
 def run_failure(run_id: str, exc: BaseException, fix: str) -> TrackingError:
@@ -251,7 +269,7 @@ def lineage_tags() -> dict[str, str]:
 
 
 def environment_tags(device: str) -> dict[str, str]:
-    """Everything that can break bit-identity between two runs: versions, device, threads."""
+    """Everything that can break bit-identity between two runs: versions, device, CPU ISA, threads."""
     import numpy
     import tensorflow as tf
 
@@ -265,6 +283,7 @@ def environment_tags(device: str) -> dict[str, str]:
         "cpu_count": str(os.cpu_count()),
         "tf_intra_op_threads": str(tf.config.threading.get_intra_op_parallelism_threads()),
         "tf_inter_op_threads": str(tf.config.threading.get_inter_op_parallelism_threads()),
+        **cpu_facts(),
     }
 
 
@@ -320,7 +339,9 @@ class Tracker:
             experiment = mlflow.get_experiment_by_name(name)
             if experiment is None:
                 artifacts = (repo_root() / MLRUNS_DIR).as_uri() if is_default else None
-                return cls(mlflow.create_experiment(name, artifact_location=artifacts), tracking_cfg["register_model"])
+                experiment_id = after_lost_race(lambda: mlflow.create_experiment(name, artifact_location=artifacts),
+                                                lambda: mlflow.get_experiment_by_name(name).experiment_id)
+                return cls(experiment_id, tracking_cfg["register_model"])
         return cls(experiment.experiment_id, tracking_cfg["register_model"])
 
     @contextlib.contextmanager
@@ -447,9 +468,12 @@ class TrainingRun:
         mlflow.log_text(yaml.safe_dump(params, sort_keys=False), "params.yaml")
         mlflow.log_dict(manifest, "data/manifest.json")
         # MLflow's sqlite store gets-or-creates the dataset row without a lock, so two runs on the same data
-        # starting together can both insert it (`UNIQUE constraint failed: datasets...`).
-        with store_lock(mlflow.get_tracking_uri()):
+        # starting together can both insert it (`UNIQUE constraint failed: datasets...`); a server, too (no lock).
+        def log_input():
             mlflow.log_input(_prepared_dataset(manifest), context="training")
+
+        with store_lock(mlflow.get_tracking_uri()):
+            after_lost_race(log_input, log_input)  # again: the dataset row exists now, this call links it
 
     def log_missing_epochs(self, history: list[dict]) -> None:
         """After a resume: log the checkpointed epochs the interrupted process did not get to log."""
