@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     exps = add("experiments", cmd_experiments, "the report's variants x seeds via DVC's queue, and a table")
     exps.add_argument("--variants", nargs="+", default=[], metavar="V",
                       help="presets to run (default: the report's six): report_final no_256 no_512 single_fc "
-                           "shallow shallow_dropout, and fast")
+                           "shallow shallow_dropout, and fast, fast_muon")
     exps.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: params.yaml's seed)")
     exps.add_argument("--jobs", type=int, default=1, help="experiments run at once (default: 1)")
     exps.add_argument("--table", action="store_true", help="only rebuild the table from MLflow, no training")
@@ -99,23 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; user errors and OS errors print one line and exit 2, interrupts exit 130."""
-    from imgclf.errors import ImgclfError, install_handlers, os_error_line, raise_if_interrupted
+    from imgclf.errors import exit_code, install_handlers, raise_if_interrupted
 
     args = build_parser().parse_args(argv)
     install_handlers()
-    try:
+
+    def command() -> int:
         code = args.func(args) or 0
         raise_if_interrupted()  # a signal some library swallowed still ends the command as interrupted
         return code
-    except ImgclfError as exc:
-        print(f"imgclf {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a disk, permission or path problem no stage anticipated: still one line
-        print(f"imgclf {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"imgclf {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+    return exit_code(f"imgclf {args.command}", command)
 
 
 if __name__ == "__main__":

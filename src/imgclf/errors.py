@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import signal
-from typing import Iterator
+import sys
+from typing import Callable, Iterator
 
 
 class ImgclfError(Exception):
@@ -46,6 +47,22 @@ def os_error_line(exc: OSError) -> str:
     paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
     reason = exc.strerror or one_line(exc)
     return f"{paths or type(exc).__name__}: {reason}; {_OS_FIXES.get(exc.errno, 'fix it')} and rerun"
+
+
+def exit_code(prog: str, command: Callable[[], int]) -> int:
+    """Run a command: its exit code, or one line on stderr and 2 for a user-facing or OS error, 130 when
+    interrupted (every entry point's contract: never a traceback)."""
+    try:
+        return command()
+    except ImgclfError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a disk, permission or path problem no stage anticipated: still one line
+        print(f"{prog}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 _signals: list[int] = []   # every SIGINT/SIGTERM received by this process, in order

@@ -30,7 +30,7 @@ from typing import IO
 
 import requests
 
-from imgclf.errors import ImgclfError, install_handlers, os_error_line
+from imgclf.errors import ImgclfError, exit_code, install_handlers
 
 # move-in imports TensorFlow (through imgclf.tracking), whose C++ start-up chatter hides our one-line errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -400,17 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`imgclf-team`: one line and exit 2 on a user-facing error, never a traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except ImgclfError as exc:
-        print(f"imgclf-team {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"imgclf-team {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"imgclf-team {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return exit_code(f"imgclf-team {args.command}", lambda: args.func(args) or 0)
 
 
 if __name__ == "__main__":
