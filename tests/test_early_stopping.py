@@ -46,6 +46,18 @@ def test_report_rule_counter_values():
     assert rule.best == 466.0 and rule.best_epoch == 5
 
 
+class Feed(keras.callbacks.Callback):
+    """Adds the next of `values` to each epoch's logs under `key`: stands in for EpochLossSum or DevMetrics
+    with a crafted sequence."""
+
+    def __init__(self, key: str, values: list[float]):
+        super().__init__()
+        self.key, self.values = key, iter(values)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs[self.key] = next(self.values)
+
+
 def tiny_model():
     keras.utils.set_random_seed(3)
     inputs = keras.Input((4,))
@@ -56,15 +68,11 @@ def tiny_model():
 
 def test_early_stop_logger_stops_fit_on_the_reports_rule():
     model = tiny_model()
-    sequence = iter([5.0, 4.0, 6.0, 7.0, 8.0, 9.0])
-
-    class FeedLossSum(keras.callbacks.Callback):  # stands in for EpochLossSum with a crafted sequence
-        def on_epoch_end(self, epoch, logs=None):
-            logs["loss_sum"] = next(sequence)
+    feed = Feed("loss_sum", [5.0, 4.0, 6.0, 7.0, 8.0, 9.0])
 
     early = early_stopping.make("loss", patience=2)
     x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int64)
-    history = model.fit(x, y, epochs=6, verbose=0, callbacks=[FeedLossSum(), early])
+    history = model.fit(x, y, epochs=6, verbose=0, callbacks=[feed, early])
     assert len(history.history["loss"]) == 5  # 6 > 4 (1), 7 (2), 8 (3 > 2): stop after epoch 5
     assert history.history["early_stopping_wait"] == [0, 0, 1, 2, 3]
     assert early.summary() == {"monitor": "loss", "patience": 2, "early_stopped": True, "stopped_epoch": 5,
@@ -73,17 +81,15 @@ def test_early_stop_logger_stops_fit_on_the_reports_rule():
 
 def test_early_stop_logger_val_loss_restores_best_weights():
     model = tiny_model()
-    sequence = iter([3.0, 2.0, 2.5, 2.6, 2.7])
     weights_at = {}
 
-    class FeedDevLoss(keras.callbacks.Callback):
+    class RecordWeights(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            logs["dev_loss"] = next(sequence)
             weights_at[epoch + 1] = model.get_weights()
 
     early = early_stopping.make("val_loss", patience=2)
     x, y = np.ones((8, 4), np.float32), np.ones(8, np.int64)
-    model.fit(x, y, epochs=5, verbose=0, callbacks=[FeedDevLoss(), early])
+    model.fit(x, y, epochs=5, verbose=0, callbacks=[Feed("dev_loss", [3.0, 2.0, 2.5, 2.6, 2.7]), RecordWeights(), early])
     summary = early.summary()
     assert summary["early_stopped"] and summary["stopped_epoch"] == 4 and summary["best_epoch"] == 2
     assert summary["best_loss"] == 2.0
@@ -91,19 +97,12 @@ def test_early_stop_logger_val_loss_restores_best_weights():
         np.testing.assert_array_equal(restored, best)
 
 
-
-
 def test_the_keras_rule_resumed_after_its_stop_knows_it_stopped_and_ends_with_the_best_weights():
     """Killed while saving, after the stop: the last checkpoint is the stopping epoch's. Its state says the
     rule stopped before fit() begins (train.fit then trains nothing) and on_train_end alone (what fit() ends
     with) puts the best epoch's weights back, as the uninterrupted run did."""
     model = tiny_model()
-    sequence = iter([3.0, 2.0, 2.5, 2.6, 2.7])
     saved = {}
-
-    class FeedDevLoss(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            logs["dev_loss"] = next(sequence)
 
     class Checkpoint(keras.callbacks.Callback):  # what checkpoint.EpochCheckpoint keeps after each epoch
         def on_epoch_end(self, epoch, logs=None):
@@ -111,7 +110,7 @@ def test_the_keras_rule_resumed_after_its_stop_knows_it_stopped_and_ends_with_th
 
     early = early_stopping.make("val_loss", patience=2)
     x, y = np.ones((8, 4), np.float32), np.ones(8, np.int64)
-    model.fit(x, y, epochs=5, verbose=0, callbacks=[FeedDevLoss(), early, Checkpoint()])
+    model.fit(x, y, epochs=5, verbose=0, callbacks=[Feed("dev_loss", [3.0, 2.0, 2.5, 2.6, 2.7]), early, Checkpoint()])
     resumed, killed = early_stopping.make("val_loss", patience=2), tiny_model()
     resumed.set_state(*saved["state"])
     killed.set_weights(saved["weights"])
@@ -128,15 +127,11 @@ def test_config_offers_exactly_the_rules_there_are():
 
 def test_monitor_none_never_stops_but_names_the_best_epoch():
     model = tiny_model()
-    sequence = iter([5.0, 4.0, 6.0, 7.0, 8.0, 9.0])
-
-    class FeedLossSum(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            logs["loss_sum"] = next(sequence)
+    feed = Feed("loss_sum", [5.0, 4.0, 6.0, 7.0, 8.0, 9.0])
 
     early = early_stopping.make("none", patience=0)
     history = model.fit(np.zeros((8, 4), np.float32), np.zeros(8, np.int64), epochs=6, verbose=0,
-                        callbacks=[FeedLossSum(), early])
+                        callbacks=[feed, early])
     assert len(history.history["loss"]) == 6 and history.history["early_stopping_wait"] == [0, 0, 1, 2, 3, 4]
     assert early.summary() == {"monitor": "none", "patience": 0, "early_stopped": False, "stopped_epoch": 0,
                                "best_epoch": 2, "best_loss": 4.0}
