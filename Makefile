@@ -1,5 +1,7 @@
 # make run   : create .venv if missing, then run the whole pipeline (dvc repro)
-# make test  : create .venv if missing, then the whole test suite
+# make test  : create .venv if missing, then the whole test suite: on every core (pytest-xdist), in random
+#              order (pytest-randomly prints its seed; -p no:randomly for file order)
+# make test-fast : the unit tests only (no pipeline runs, no servers), for every edit
 # make setup : create or update .venv from requirements.lock + the package (editable)
 # make team-server : the team's MLflow server on PostgreSQL (docs/team.md); TEAM_DIR, TEAM_HOST, TEAM_PORT
 # make system-deps : PostgreSQL 15 and sshd from Debian's packages when missing (root; team mode's tests)
@@ -16,7 +18,7 @@ STAMP  := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: setup run test lock clean-venv system-deps team-server
+.PHONY: setup run test test-fast lock clean-venv system-deps team-server
 
 setup: $(STAMP)
 
@@ -41,8 +43,18 @@ run: $(STAMP)
 	$(BIN)/imgclf validate
 	$(BIN)/dvc repro
 
+PYTEST := $(BIN)/python -m pytest
+# xdist_group marks keep a module's shared server or training on one worker.
+PARALLEL := -n auto --dist loadgroup
+
+# Tests marked `alone` load every core by design: they run after the rest, by themselves. The grep spares
+# collecting the whole suite a second time (~15 s) when no test is marked.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest
+	$(PYTEST) $(PARALLEL) -m "not alone"
+	if grep -rqs "mark.alone" tests; then $(PYTEST) -m alone; fi
+
+test-fast: $(STAMP)
+	$(PYTEST) $(PARALLEL) -m "not e2e and not alone"
 
 system-deps:
 	bash scripts/system_deps.sh

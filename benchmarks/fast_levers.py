@@ -12,7 +12,7 @@ in training steps, without the per-epoch dev pass and checkpoint (time_to_accura
 XLA determinism (--xla-reruns): two fresh processes train fast_muon with train.jit_compile=true for two epochs
 on the same images; equal weight hashes mean XLA reruns are bit-identical here.
 
-    python benchmarks/fast_levers.py [--images 8000] [--repeats 2] [--xla-reruns]
+    python benchmarks/fast_levers.py [--images 8000] [--repeats 2] [--xla-reruns] [--only fast_muon ...]
 """
 
 from __future__ import annotations
@@ -69,20 +69,22 @@ def child(config: str, images: int, epochs: int) -> dict:
     return {"images_per_s": len(x) * (epochs - 1) / sum(times[1:]), "weights_sha256": weights_sha256(model)}
 
 
-def throughput(images: int, repeats: int, epochs: int) -> None:
-    """Interleaved runs of every configuration; the table of medians and projected training times."""
+def throughput(images: int, repeats: int, epochs: int, configs: list[str]) -> None:
+    """Interleaved runs of each configuration (`fast` first: the others are compared with it); the table of
+    medians and projected training times."""
     from imgclf.experiments import PRESETS
 
-    rates: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    rates: dict[str, list[float]] = {c: [] for c in ["fast", *(c for c in configs if c != "fast")]}
     for i in range(repeats):
-        for config in CONFIGS:
+        for config in rates:
             result = measure_child(__file__, [config, str(images), str(epochs)])
             rates[config].append(result["images_per_s"])
             print(f"run {i + 1} {config:22}: {result['images_per_s']:6.1f} images/s", flush=True)
     print(f"\n{images} lossless CIFAR-10 training images, {epochs - 1} timed epochs, {repeats} runs each (medians)")
     print("| configuration | images/s | epochs | projected time in training steps | vs fast |\n|---|---|---|---|---|")
     fast_seconds = None
-    for config, (preset, _) in CONFIGS.items():
+    for config in rates:
+        preset = CONFIGS[config][0]
         median = statistics.median(rates[config])
         epochs_run = int(PRESETS[preset].overrides["train.training_epochs"])
         seconds = epochs_run * TRAIN_IMAGES / median
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3, help="including the untimed first epoch")
     parser.add_argument("--xla-reruns", action="store_true", help="also check XLA reruns for bit-identity")
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="configurations to time (fast always runs: the ratios are against it)")
     parser.add_argument("--child", nargs=3, metavar=("CONFIG", "IMAGES", "EPOCHS"))
     args = parser.parse_args()
     if args.child:
@@ -114,7 +118,7 @@ def main() -> None:
     if not (PREPARED / "manifest.json").is_file():
         raise SystemExit(f"{PREPARED}: not found; run benchmarks/time_to_accuracy.py first (it prepares the PNGs)")
     print(cpu_header(), flush=True)
-    throughput(args.images, args.repeats, args.epochs)
+    throughput(args.images, args.repeats, args.epochs, args.only)
     if args.xla_reruns:
         xla_reruns(args.images)
 

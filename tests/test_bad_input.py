@@ -1,7 +1,8 @@
 """Bad input, end to end: one row per bad params value or data source, through the real CLI and DVC.
 
-One good tiny `dvc repro` runs per module and is committed (the `cache: false` reports live in git). Every
-row then breaks params.yaml or points `data` at a bad source, in that same repo, and asserts: exit code 2,
+The session's good tiny run (conftest.trained), committed (the `cache: false` reports live in git), is copied
+once per module (per xdist worker). Every row then breaks params.yaml or points `data` at a bad source, in that
+same copy, and asserts: exit code 2,
 exactly one message line naming the culprit (file or key) and the fix, and that the good outputs survive:
 byte for byte when nothing deleted them (`imgclf validate`, which `make run` runs before `dvc repro`), or,
 where DVC deleted a stage's outputs before running it, absent and then restored byte for byte by
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, copy_repo, error_line, pipeline_env, run, write_params
+from conftest import copy_trained, error_line, pipeline_env, reaped, run, write_params
 from fakes import Evil, cifar_batch, make_folder, make_npz, md5, save_image, snapshot, write_cifar
 from imgclf.sources.cifar10 import CIFAR10_MD5, CIFAR10_MD5_ENV
 
@@ -47,16 +48,13 @@ class Workspace:
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Workspace:
-    """One good `dvc repro` with tiny settings, committed like a user would."""
-    repo = copy_repo(tmp_path_factory.mktemp("bad-input"))
-    workspace = Workspace(repo, write_params(repo, TINY))
-    run(["dvc", "repro"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "good run"], repo)
-    workspace.outputs = workspace.current()
-    assert {"data/prepared/manifest.json", "models/model.keras", "reports/metrics.json"} <= set(workspace.outputs)
-    return workspace
+def good(tmp_path_factory, trained) -> Workspace:
+    """A copy of the session's good tiny run (conftest.trained), committed like a user would."""
+    with reaped(copy_trained(trained, tmp_path_factory.mktemp("bad-input") / "repo")) as repo:
+        workspace = Workspace(repo, (repo / "params.yaml").read_text())
+        workspace.outputs = workspace.current()
+        assert {"data/prepared/manifest.json", "models/model.keras", "reports/metrics.json"} <= set(workspace.outputs)
+        yield workspace
 
 
 @pytest.fixture

@@ -13,11 +13,21 @@ from imgclf import cli
 
 
 @pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
-def test_each_stage_command_runs_the_module_of_its_name(stage):
-    module = importlib.import_module(f"imgclf.{stage}")
-    assert callable(module.main)
-    args = cli.build_parser().parse_args(["-S", "seed=3", stage, "-S", "train.tf32=true"])
+def test_each_stage_command_runs_the_module_of_its_name(stage, monkeypatch):
+    """The command really runs: each stage module's main is swapped for a recorder (the stages themselves run
+    end to end in test_pipeline_e2e), so the test sees which one was called, with which params."""
+    called = []
+    for name in ("prepare", "train", "evaluate"):
+        module = importlib.import_module(f"imgclf.{name}")
+        assert callable(module.main)
+        monkeypatch.setattr(module, "main", lambda params, name=name: called.append((name, params)))
+    args = cli.build_parser().parse_args(["--params", str(REPO / "params.yaml"), "-S", "seed=3", stage,
+                                          "-S", "train.tf32=true"])
     assert args.command == stage and args.overrides == ["seed=3"] and args.sub_overrides == ["train.tf32=true"]
+    args.func(args)
+    assert [name for name, _ in called] == [stage]
+    params = called[0][1]
+    assert params["seed"] == 3 and params["train"]["tf32"] is True  # both places' overrides, validated
 
 
 def test_validate_ok_and_a_bad_value_is_one_line_exit_2(capsys):

@@ -34,6 +34,7 @@ def test_repo_params_are_the_reports_settings():
         "keep_prob": 0.6, "early_stopping": {"monitor": "loss", "patience": 5},
         "mixed_precision": "none", "jit_compile": False, "distribute": "none",  # the report: float32, one device
         "tf32": False, "stop_on_collapse": True,  # full float32 on GPUs too
+        "numerics": "native",  # this CPU's fastest kernels
     }
     assert params["model"]["input_scale"] == 1.0 and params["model"]["arch"] == "report"
     assert params["data"]["dataset"] == "digits" and params["data"]["image_size"] == 32
@@ -51,6 +52,7 @@ def test_repo_params_are_the_reports_settings():
     ("train.early_stopping.patience", -1, "train.early_stopping.patience=-1: must be >= 0"),
     ("train.early_stopping.monitor", "acc", "must be one of loss, val_loss, none"),
     ("train.tf32", "yes", "train.tf32: must be true/false, got 'yes'"),
+    ("train.numerics", "exact", "train.numerics='exact': must be one of native, portable"),
     ("evaluate.tta", "mirror", "evaluate.tta='mirror': must be one of none, flip, flip_translate"),
     ("model.arch", "vgg", "model.arch='vgg': must be one of fast, report"),
     ("model.fast.widths", [], "model.fast.widths=[]: must be a non-empty list of positive ints"),
@@ -131,7 +133,11 @@ def test_validation_never_imports_tensorflow(tmp_path):
 
 
 def test_nullables_accept_null_and_ints_count_as_numbers():
-    validate(params_with(**{"data.path": None, "data.max_train_samples": None, "train.learning_rate": 1}))
+    params = validate(params_with(**{"data.path": None, "data.max_train_samples": None, "train.learning_rate": 1}))
+    assert params["data"]["path"] is None and params["data"]["max_train_samples"] is None
+    assert params["train"]["learning_rate"] == 1
+    with pytest.raises(ConfigError, match="train.learning_rate: must be a number, got null"):
+        validate(params_with(**{"train.learning_rate": None}))  # only the nullable keys take null
 
 
 def test_missing_file_and_invalid_yaml(tmp_path):

@@ -21,7 +21,8 @@ from conftest import REPO, TINY, free_port, pipeline_env, run, set_args
 from imgclf.config import load_params
 from imgclf.prepare import prepare
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: both tests read the one module-scoped training of one and two replicas.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("distribute")]
 
 # keep_prob 1: dropout masks are drawn per replica, so with dropout no two layouts see the same masks.
 SETTINGS = TINY | {"train.keep_prob": "1.0"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run, set_args
+from conftest import run
 
 pytestmark = pytest.mark.e2e
 
@@ -24,8 +24,8 @@ def cached_files(repo: Path) -> dict[str, bytes]:
     return files
 
 
-def test_push_then_pull_into_an_empty_cache_leaves_nothing_to_rerun(repo_copy, tmp_path):
-    run(["dvc", "exp", "run", *set_args(TINY)], repo_copy)
+def test_push_then_pull_into_an_empty_cache_leaves_nothing_to_rerun(trained_copy, tmp_path):
+    repo_copy = trained_copy  # after the session's `dvc exp run` with TINY
     before = cached_files(repo_copy)
     assert "data/prepared/x_train.npy" in before and "models/model.keras" in before
     remote = tmp_path / "dvc-remote"

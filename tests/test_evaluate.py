@@ -10,7 +10,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, store_in
 from fakes import make_params
 from imgclf import evaluate, modelfile
 from imgclf.prepare import prepare
@@ -36,8 +36,9 @@ def test_the_training_run_is_found_only_for_this_very_model(tmp_path):
     assert evaluate.training_run_id(tmp_path, {"weights_sha256": "b" * 64}) is None  # another model's run
 
 
-def test_evaluate_writes_reports_and_logs_into_a_new_run_without_a_record(tmp_path, monkeypatch):
+def test_evaluate_writes_reports_and_logs_into_a_new_run_without_a_record(tmp_path, monkeypatch, empty_store):
     monkeypatch.chdir(tmp_path)
+    store_in(tmp_path, empty_store)  # the default store here, its tables already made
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     prepare(make_params(max_train_samples=100, dev_fraction=0.2), tmp_path / "prepared")
     keras.utils.set_random_seed(0)

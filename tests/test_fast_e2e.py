@@ -11,11 +11,16 @@ import subprocess
 import time
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_TINY, pipeline_env, run, set_args
 from fakes import make_folder, save_image
+from imgclf.images import load_image
+from imgclf.modelfile import load as load_model
+from imgclf.predict import softmax
+from imgclf.tta import predict_logits
 
 pytestmark = pytest.mark.e2e
 
@@ -119,6 +124,10 @@ def test_the_fast_family_trains_evaluates_and_predicts_at_another_image_size(rep
     assert json.loads((repo_copy / "reports/metrics.json").read_text())["dev"]["count"] == 12
     photo = save_image(repo_copy.parent / "photo.png", size=(90, 70))
     out = run(["imgclf", *set_args(sets), "predict", str(photo)], repo_copy).stdout
-    assert out.split("\t")[1] in ("cat", "dog")
+    name, prob = out.strip().split("\t")[1:]
+    # What the trained net itself says of the photo at 40x40, under evaluate.tta's views: the class and its odds.
+    model = load_model(str(repo_copy / "models/model.keras"))
+    probs = softmax(predict_logits(model, load_image(photo, 40)[None], sets["evaluate.tta"]).astype(np.float64))
+    assert name == ["cat", "dog"][int(probs.argmax())] and float(prob) == pytest.approx(probs.max(), abs=1e-3)
     refused = run(["imgclf", *set_args(sets | {"model.arch": "report"}), "validate"], repo_copy, check=False)
     assert refused.returncode == 2 and "model.arch=report takes 32x32 images only" in refused.stderr

@@ -4,53 +4,70 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
+import numpy as np
 import pytest
 import yaml
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from conftest import TINY, pipeline_env, run, set_args, write_params
+from conftest import TINY, pipeline_env, reaped, run, set_args
 
 pytestmark = pytest.mark.e2e
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_exp_run_writes_every_output_then_repro_is_a_noop(repo_copy):
-    run(["dvc", "exp", "run", *set_args(TINY)], repo_copy)
-
-    manifest = json.loads((repo_copy / "data/prepared/manifest.json").read_text())
+def test_exp_run_writes_every_output_then_repro_is_a_noop(trained, trained_copy):
+    """The session's `dvc exp run` with TINY (conftest.trained), checked in a copy of its repo."""
+    repo = trained_copy
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["dev"]["count"] == 200
     for name in ("x_train.npy", "y_train.npy", "x_dev.npy", "y_dev.npy"):
-        assert (repo_copy / "data/prepared" / name).is_file()
-    assert (repo_copy / "models/model.keras").stat().st_size > 0
+        assert (repo / "data/prepared" / name).is_file()
+    assert (repo / "models/model.keras").stat().st_size > 0
     for png in ("reports/loss.png", "reports/confusion_matrix.png"):
-        assert (repo_copy / png).read_bytes()[:8] == PNG_MAGIC
+        assert (repo / png).read_bytes()[:8] == PNG_MAGIC
 
-    metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert 0 <= metrics["dev"]["f1_macro"] <= 1 and 0 <= metrics["dev"]["accuracy"] <= 1
     assert "test" not in metrics  # digits has no test split
     assert metrics["train"]["epochs_run"] == 2 and metrics["train"]["stop_reason"] == "training_epochs"
-    assert len(json.loads((repo_copy / "reports/run.json").read_text())["mlflow_run_id"]) == 32  # untracked
-    rows = list(csv.DictReader((repo_copy / "reports/history.csv").open()))
+    assert len(json.loads((repo / "reports/run.json").read_text())["mlflow_run_id"]) == 32  # untracked
+    rows = list(csv.DictReader((repo / "reports/history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(float(r["loss_sum"]) > float(r["loss"]) > 0 for r in rows)
 
     # The default tracking store sits at the repo root, ignored by git and by DVC.
-    assert (repo_copy / "mlflow.db").is_file() and (repo_copy / "mlruns").is_dir()
-    status = run(["git", "status", "--porcelain", "--untracked-files=all"], repo_copy).stdout
+    assert (repo / "mlflow.db").is_file() and (repo / "mlruns").is_dir()
+    status = trained.status  # right after the run, before the fixture committed it
     assert "mlflow.db" not in status and "mlruns" not in status and ".venv" not in status
 
-    again = run(["dvc", "repro"], repo_copy)
+    again = run(["dvc", "repro"], repo)
     assert "Running stage" not in again.stdout, again.stdout
-    assert run(["dvc", "status", "--json"], repo_copy).stdout.strip() == "{}"
+    assert run(["dvc", "status", "--json"], repo).stdout.strip() == "{}"
 
 
-def test_a_train_param_change_does_not_rerun_prepare(repo_copy):
-    run(["dvc", "repro", "prepare"], repo_copy)
-    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+def test_metrics_json_is_what_the_dev_predictions_score(trained):
+    """metrics.json's dev scores, recomputed with scikit-learn from the per-image predictions evaluate wrote."""
+    reports = trained.repo / "reports"
+    classes = json.loads((trained.repo / "data/prepared/manifest.json").read_text())["classes"]
+    rows = list(csv.DictReader((reports / "dev_predictions.csv").open()))
+    actual, predicted = ([classes.index(row[key]) for row in rows] for key in ("actual", "predicted"))
+    dev = json.loads((reports / "metrics.json").read_text())["dev"]
+    assert dev["count"] == len(rows) == len(np.load(trained.repo / "data/prepared/y_dev.npy"))
+    assert dev["accuracy"] == pytest.approx(accuracy_score(actual, predicted), abs=1e-12)
+    assert dev["f1_macro"] == pytest.approx(
+        f1_score(actual, predicted, labels=range(len(classes)), average="macro", zero_division=0), abs=1e-12)
+    report = json.loads((reports / "classification_report.json").read_text())["dev"]
+    assert report["confusion_matrix"] == confusion_matrix(actual, predicted, labels=range(len(classes))).tolist()
+
+
+def test_a_train_param_change_does_not_rerun_prepare(trained_copy):
+    params = yaml.safe_load((trained_copy / "params.yaml").read_text())
     params["train"]["learning_rate"] = 0.0005
-    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = json.loads(run(["dvc", "status", "--json"], repo_copy).stdout)
+    (trained_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = json.loads(run(["dvc", "status", "--json"], trained_copy).stdout)
     assert "prepare" not in changed and "train" in changed
 
 
@@ -65,29 +82,48 @@ def test_bad_params_fail_before_any_stage_output_is_touched(repo_copy):
     assert not (repo_copy / "data/prepared").exists()
 
 
-def test_dvc_plots_render(repo_copy):
-    run(["dvc", "exp", "run", *set_args(TINY | {"train.training_epochs": "1"})], repo_copy)
-    out = repo_copy / "plots-out"
-    run(["dvc", "plots", "show", "-o", str(out)], repo_copy, env=pipeline_env())
+def test_dvc_plots_render(trained_copy, tmp_path):
+    out = tmp_path / "plots-out"
+    run(["dvc", "plots", "show", "-o", str(out)], trained_copy, env=pipeline_env())
     html = (out / "index.html").read_text()
     assert "dev_f1_macro" in html and "loss" in html
+    # The data, not only the names dvc.yaml gives: each plot holds its columns of the run's files, epoch by epoch.
+    plots = plot_data(html)
+    history = list(csv.DictReader((trained_copy / "reports/history.csv").open()))
+    assert len(history) == 2  # TINY's epochs
+    for key in ("loss", "dev_loss"):
+        assert [(r["epoch"], r["dvc_inferred_y_value"]) for r in plots["Loss_per_epoch"] if r["field"] == key] == \
+            [(h["epoch"], h[key]) for h in history], key
+    assert [(r["epoch"], r["dev_f1_macro"]) for r in plots["Dev_macro-F1_per_epoch"]] == \
+        [(h["epoch"], h["dev_f1_macro"]) for h in history]
+    predictions = csv.DictReader((trained_copy / "reports/dev_predictions.csv").open())
+    assert sorted((r["actual"], r["predicted"]) for r in plots["Dev_confusion_matrix"]) == \
+        sorted((p["actual"], p["predicted"]) for p in predictions)
 
 
-def test_a_fresh_clone_reruns_to_the_same_bytes_and_a_clean_git_status(repo_copy, tmp_path):
+def plot_data(html: str) -> dict[str, list[dict]]:
+    """Plot id (its dvc.yaml title) -> the rows of data in the vega-lite spec DVC's page embeds for it."""
+    decoder, plots = json.JSONDecoder(), {}
+    for match in re.finditer(r'<div id = "([^"]+)">\s*<script type = "text/javascript">\s*var spec = ', html):
+        spec, _ = decoder.raw_decode(html, match.end())
+        plots[match.group(1)] = spec.get("data", {}).get("values", [])  # none: a plot without data
+    return plots
+
+
+def test_a_fresh_clone_reruns_to_the_same_bytes_and_a_clean_git_status(trained, tmp_path):
     """Same machine type and versions: a fresh clone's `dvc repro` rewrites every output, byte for byte."""
-    write_params(repo_copy, TINY)
-    run(["dvc", "repro"], repo_copy)
-    run(["git", "add", "-A"], repo_copy)
-    run(["git", "commit", "-qm", "outputs"], repo_copy)
-    assert run(["git", "status", "--porcelain"], repo_copy).stdout == ""
+    repo = trained.repo  # committed with its outputs by the fixture; only read here
+    # --no-optional-locks: no index refresh, whose index.lock another worker's `cp -a` of this repo could copy
+    assert run(["git", "--no-optional-locks", "status", "--porcelain"], repo).stdout == ""
     clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
-    assert not (clone / "models/model.keras").exists()  # DVC-cached outputs are not in git
-    proc = run(["dvc", "repro"], clone)
+    with reaped(tmp_path):
+        run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+        assert not (clone / "models/model.keras").exists()  # DVC-cached outputs are not in git
+        proc = run(["dvc", "repro"], clone)
     assert "Running stage 'train'" in proc.stdout  # it really trained again
     assert run(["git", "status", "--porcelain"], clone).stdout == ""
-    assert (clone / "dvc.lock").read_bytes() == (repo_copy / "dvc.lock").read_bytes()
-    assert (clone / "models/model.keras").read_bytes() == (repo_copy / "models/model.keras").read_bytes()
+    assert (clone / "dvc.lock").read_bytes() == (repo / "dvc.lock").read_bytes()
+    assert (clone / "models/model.keras").read_bytes() == (repo / "models/model.keras").read_bytes()
     # The run's id and wall time stay out of git: in the untracked reports/run.json (and MLflow).
     for name in ("metrics.json", "train.json", "history.csv"):
         text = (clone / "reports" / name).read_text()
@@ -95,8 +131,9 @@ def test_a_fresh_clone_reruns_to_the_same_bytes_and_a_clean_git_status(repo_copy
     assert json.loads((clone / "reports/run.json").read_text())["train_seconds"] > 0
 
 
-def test_a_collapse_is_warned_tagged_reported_and_still_evaluated(repo_copy):
+def test_a_collapse_is_warned_tagged_reported_and_still_evaluated(trained_copy):
     """A huge learning rate on tiny data kills every ReLU: the net predicts one class from epoch 3 on."""
+    repo_copy = trained_copy  # the shared run's prepared data is this run's too: only train and evaluate run
     settings = TINY | {"train.training_epochs": "30", "train.learning_rate": "0.1", "tracking.variant": "report_final"}
     proc = run(["dvc", "exp", "run", *set_args(settings)], repo_copy)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING: training collapsed")]

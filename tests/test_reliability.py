@@ -68,11 +68,11 @@ def test_http_retries_are_bounded_unless_the_user_chose(mlflow_server, monkeypat
     assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 7
 
 
-def test_tracking_server_dying_mid_training_fails_fast_in_one_line(repo_copy, tmp_path):
+def test_tracking_server_dying_mid_training_fails_fast_in_one_line(prepared_copy, tmp_path):
+    repo_copy = prepared_copy  # as after `imgclf prepare` with TINY
     server = MlflowServer(tmp_path / "server")
     try:
         env = pipeline_env(MLFLOW_TRACKING_URI=server.uri)
-        run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
         cmd = ["imgclf", *set_args(UNTIL_INTERRUPTED), "train"]
         train = subprocess.Popen(cmd, cwd=repo_copy, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  text=True)

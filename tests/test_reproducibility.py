@@ -33,8 +33,8 @@ def loss_only(history: list[dict]) -> list[tuple]:
     return [(row["epoch"], row["loss"], row["loss_sum"], row["dev_loss"]) for row in history]
 
 
-def test_same_seed_same_weights_resume_after_kill_and_rerun(repo_copy):
-    run(["imgclf", *set_args(SETTINGS), "prepare"], repo_copy)
+def test_same_seed_same_weights_resume_after_kill_and_rerun(prepared_copy):
+    repo_copy = prepared_copy  # as after `imgclf prepare` with SETTINGS (TINY's data)
     first, second = train(repo_copy), train(repo_copy)
     assert first["weights_sha256"] == second["weights_sha256"]
     assert loss_only(first["history"]) == loss_only(second["history"])

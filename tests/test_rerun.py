@@ -7,15 +7,15 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, store_in
 from imgclf import rerun
 from imgclf.errors import ImgclfError
 
 
 @pytest.fixture
-def client(tmp_path, monkeypatch):
+def client(tmp_path, monkeypatch, empty_store):
     monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) stay in tmp_path
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_in(tmp_path, empty_store))
     return MlflowClient()
 
 

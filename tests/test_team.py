@@ -21,13 +21,14 @@ import requests
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import BIN, TINY, copy_repo, finished_runs, free_port, pipeline_env, run, wait_until, write_params
+from conftest import BIN, copy_trained, finished_runs, free_port, pipeline_env, reaped, run, wait_until
 from imgclf.config import load_params
 from imgclf.metrics import EPOCH_METRICS
 from imgclf.tracking import Tracker
 from test_dvc_remote import cached_files
 
-pytestmark = pytest.mark.e2e
+# One worker runs the whole module: its server, sshd and repo are built once and shared by its tests.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("team")]
 SSHD = "/usr/sbin/sshd"
 FINAL_TOO = ("dev_f1_macro", "dev_accuracy")  # evaluate logs the final score at the last epoch's step as well
 
@@ -92,20 +93,15 @@ def team():
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A committed repo copy whose params.yaml holds the tiny settings."""
-    path = copy_repo(tmp_path_factory.mktemp("team") / "repo")
-    write_params(path, TINY)
-    run(["git", "commit", "-qam", "tiny"], path)
-    return path
+def repo(tmp_path_factory, trained):
+    """A copy of the session's tiny run (conftest.trained): tiny params.yaml and its outputs committed."""
+    with reaped(copy_trained(trained, tmp_path_factory.mktemp("team") / "repo")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
 def local_run(repo) -> str:
-    """`dvc repro` in the clone with no team server: one run in its own ./mlflow.db; outputs committed."""
-    run(["dvc", "repro"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "repro"], repo)
+    """The clone's pipeline run with no team server: the one run in its own ./mlflow.db."""
     [only] = finished_runs(f"sqlite:///{repo / 'mlflow.db'}", "imgclf")
     return only.info.run_id
 

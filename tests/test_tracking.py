@@ -15,8 +15,10 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, TINY, UNTIL_INTERRUPTED, finished_runs, free_port, pipeline_env, run, set_args
 from conftest import wait_for_metric
 from imgclf.early_stopping import make as early_stopping
+from imgclf.images import load_image
 from imgclf.machine import cpu_facts
 from imgclf.modelfile import load as load_model
+from imgclf.predict import softmax
 from imgclf.tracking import flatten
 
 pytestmark = pytest.mark.e2e
@@ -78,13 +80,16 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
     keras.utils.save_img(str(image), np.load(repo_copy / "data/prepared/x_dev.npy")[0])
     out = run(["imgclf", "predict", str(image), "--run", runs[-1].info.run_id], repo_copy, env).stdout
     name, prob = out.strip().split("\t")[1:]
-    assert name in "0123456789" and 0 < float(prob) <= 1
+    logits = load_model(str(repo_copy / "models/model.keras")).predict(load_image(image)[None], verbose=0)
+    classes = json.loads((repo_copy / "data/prepared/manifest.json").read_text())["classes"]
+    assert name == classes[int(logits.argmax())]  # the class the model on disk picks for this very image
+    assert float(prob) == pytest.approx(float(softmax(logits.astype(np.float64)).max()), abs=1e-4)
 
 
-def test_nan_loss_ends_the_run_failed_and_writes_no_model(repo_copy, mlflow_server):
+def test_nan_loss_ends_the_run_failed_and_writes_no_model(prepared_copy, mlflow_server):
+    repo_copy = prepared_copy  # as after `imgclf prepare` with TINY
     experiment = f"nan-{uuid.uuid4().hex[:8]}"
     env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server)
-    run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
     proc = run(["imgclf", *set_args(TINY | {"tracking.experiment": experiment, "train.learning_rate": "1e30"}),
                 "train"], repo_copy, env, check=False)
     assert proc.returncode == 2 and "lower train.learning_rate" in proc.stderr
@@ -92,10 +97,10 @@ def test_nan_loss_ends_the_run_failed_and_writes_no_model(repo_copy, mlflow_serv
     assert not (repo_copy / "models/model.keras").exists()
 
 
-def test_unreachable_server_fails_before_training(repo_copy):
+def test_unreachable_server_fails_before_training(prepared_copy):
+    repo_copy = prepared_copy  # as after `imgclf prepare` with TINY
     uri = f"http://127.0.0.1:{free_port()}"
     env = pipeline_env(MLFLOW_TRACKING_URI=uri)
-    run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
     proc = run(["imgclf", *set_args(TINY), "train"], repo_copy, env, check=False)
     assert proc.returncode == 2
     assert f"MLflow tracking server {uri} is unreachable" in proc.stderr
@@ -145,13 +150,14 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_interrupt_ends_the_run_killed(repo_copy, mlflow_server, signal_name):
+def test_interrupt_ends_the_run_killed(prepared_copy, mlflow_server, signal_name):
     import signal
     import subprocess
 
+    repo_copy = prepared_copy  # as after `imgclf prepare` with TINY
+
     experiment = f"kill-{signal_name}-{uuid.uuid4().hex[:8]}"
     env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server)
-    run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
     cmd = ["imgclf", *set_args(UNTIL_INTERRUPTED | {"tracking.experiment": experiment}), "train"]
     proc = subprocess.Popen(cmd, cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -165,10 +171,10 @@ def test_interrupt_ends_the_run_killed(repo_copy, mlflow_server, signal_name):
     assert not (repo_copy / "models/model.keras").exists()
 
 
-def test_mlproject_train_entry_point(repo_copy, mlflow_server):
+def test_mlproject_train_entry_point(prepared_copy, mlflow_server):
+    repo_copy = prepared_copy  # as after `imgclf prepare` with TINY
     experiment = f"mlproject-{uuid.uuid4().hex[:8]}"
     env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_EXPERIMENT_NAME=experiment)
-    run(["imgclf", *set_args(TINY), "prepare"], repo_copy, env)
     run(["mlflow", "run", ".", "-e", "train", "-P", "learning_rate=0.0005", "-P", "training_epochs=1",
          "--env-manager", "local", "--experiment-name", experiment], repo_copy, env)
     (r,) = finished_runs(mlflow_server, experiment)

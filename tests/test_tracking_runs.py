@@ -5,36 +5,21 @@ from __future__ import annotations
 import copy
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, pipeline_env, run
+from conftest import REPO, pipeline_env, run, store_in
 from imgclf.config import apply_overrides
 from imgclf.tracking import Tracker
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 MANIFEST = {"digest": "d" * 64, "dataset": "digits", "source": {"path": None}}
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty sqlite store: creating MLflow's tables takes seconds, copying the file does not."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-def store_in(folder: Path, empty_store: Path) -> MlflowClient:
-    shutil.copy(empty_store, folder / "mlflow.db")
-    return MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
 
 
 @pytest.fixture
@@ -43,7 +28,7 @@ def client(tmp_path, monkeypatch, empty_store) -> MlflowClient:
     monkeypatch.chdir(tmp_path)
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         monkeypatch.delenv(name, raising=False)
-    return store_in(tmp_path, empty_store)
+    return MlflowClient(store_in(tmp_path, empty_store))
 
 
 def params(*overrides: str) -> dict:
@@ -110,7 +95,7 @@ def test_a_queued_experiment_records_its_baseline_commit_not_the_workspace_head(
     monkeypatch.chdir(experiment)
     monkeypatch.setenv("DVC_ROOT", str(workspace))
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
-    tags = store_in(workspace, empty_store).get_run(start(params())).data.tags
+    tags = MlflowClient(store_in(workspace, empty_store)).get_run(start(params())).data.tags
     assert (tags["git_commit"], tags["git_dirty"]) == (baseline, "False")
     assert tags["dvc_exp_baseline_rev"] == baseline
 

@@ -28,8 +28,13 @@ def stage_command(module: str):
     fraction of a second, before TensorFlow is imported), then run `imgclf.<module>.main(params)`."""
 
     def command(args) -> None:
+        from imgclf.numerics import use_numerics
+        from imgclf.workspace import writer
+
         params = _params(args)
-        importlib.import_module(f"imgclf.{module}").main(params)
+        use_numerics(params["train"]["numerics"])  # before the stage imports TensorFlow
+        with writer(module):  # one writer per workspace, and its output folders writable, before any work
+            importlib.import_module(f"imgclf.{module}").main(params)
 
     return command
 
@@ -45,14 +50,17 @@ def cmd_predict(args) -> None:
 def cmd_rerun(args) -> int:
     from imgclf import rerun
 
-    return rerun.main(args.run_id)
+    return rerun.main(args.run_id, restart=True)
 
 
 def cmd_experiments(args) -> int:
     from imgclf import experiments
+    from imgclf.workspace import writer
 
-    return experiments.main(_params(args), args.variants, args.seeds, args.overrides + args.sub_overrides,
-                            args.jobs, args.table)
+    params = _params(args)
+    with writer("experiments"):  # two of them would both restart and collect one DVC queue
+        return experiments.main(params, args.variants, args.seeds, args.overrides + args.sub_overrides,
+                                args.jobs, args.table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         raise_if_interrupted()  # a signal some library swallowed still ends the command as interrupted
         return code
 
-    return exit_code(f"imgclf {args.command}", command)
+    code = exit_code(f"imgclf {args.command}", command)
+    from imgclf.files import hdf5_broken
+
+    if hdf5_broken[0]:  # a failed HDF5 write crashes the library's clean-up at exit: leave without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

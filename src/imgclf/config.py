@@ -20,6 +20,7 @@ import yaml
 
 from imgclf import families, sources
 from imgclf.errors import ImgclfError
+from imgclf.numerics import NUMERICS_ENV
 from imgclf.paths import PARAMS_FILE
 from imgclf.schema import BOOL, INT, NUM, STR, Key, check_node, finite, one_of
 
@@ -40,9 +41,37 @@ _Loader.add_implicit_resolver(
 )
 
 
+# YAML aliases share one node, so a few lines can describe billions of values ("billion laughs"): loading
+# is cheap, but validating, logging or dumping such params walks every one. params.yaml has about 100.
+MAX_YAML_NODES = 100_000
+
+
 def parse_yaml(text: str):
-    """Parse params text the way DVC does, so `-S train.learning_rate=1e-4` means a number."""
-    return yaml.load(text, Loader=_Loader)
+    """Parse params text the way DVC does, so `-S train.learning_rate=1e-4` means a number.
+
+    Refuses values that expand (through aliases) to more than MAX_YAML_NODES nodes, or refer to themselves.
+    """
+    value = yaml.load(text, Loader=_Loader)
+    _expanded_size(value, {}, set())
+    return value
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], open_ids: set[int]) -> int:
+    """How many nodes `node` has once its aliases are expanded; counted once per shared node (memo by id)."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_ids:
+        raise yaml.YAMLError("an alias refers to the value that contains it (a recursive structure)")
+    open_ids.add(id(node))
+    children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+    size = 1 + sum(_expanded_size(child, sizes, open_ids) for child in children)
+    open_ids.discard(id(node))
+    if size > MAX_YAML_NODES:
+        raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} values (a \"billion laughs\")")
+    sizes[id(node)] = size
+    return size
 
 
 class ConfigError(ImgclfError):
@@ -71,6 +100,7 @@ BASE_SCHEMA: dict[str, Any] = {
         "jit_compile": Key(BOOL),
         "distribute": one_of(STRATEGIES),
         "tf32": Key(BOOL),
+        "numerics": one_of(tuple(NUMERICS_ENV)),
         "stop_on_collapse": Key(BOOL),
     },
     "evaluate": {
@@ -151,6 +181,8 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> di
     try:
         params = parse_yaml(text)
     except yaml.YAMLError as exc:
+        if type(exc) is yaml.YAMLError:  # raised by parse_yaml's size check, not a syntax error
+            raise ConfigError(f"{path}: {exc}; remove the aliases (*name) and write the values out") from None
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
         raise ConfigError(f"{path}: invalid YAML{at}; fix the syntax and rerun") from None

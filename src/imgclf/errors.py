@@ -33,7 +33,7 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-_OS_FIXES = {
+OS_FIXES = {
     errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space",
     errno.EACCES: "fix its permissions", errno.EPERM: "fix its permissions", errno.EROFS: "make it writable",
     errno.ENOENT: "check the path", errno.ENOTDIR: "check the path", errno.EISDIR: "check the path",
@@ -46,7 +46,7 @@ def os_error_line(exc: OSError) -> str:
     """An OSError as one line: the path(s) it names, the system's reason, and what to do."""
     paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
     reason = exc.strerror or one_line(exc)
-    return f"{paths or type(exc).__name__}: {reason}; {_OS_FIXES.get(exc.errno, 'fix it')} and rerun"
+    return f"{paths or type(exc).__name__}: {reason}; {OS_FIXES.get(exc.errno, 'fix it')} and rerun"
 
 
 def exit_code(prog: str, command: Callable[[], int]) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.errors import ImgclfError
+from imgclf.files import write_json
 
 POLL_SECONDS = 2.0      # how often DVC's queue status is read
 GRACE_SECONDS = 15.0    # how long "work left but no live worker" may last before we restart or give up
@@ -217,14 +218,48 @@ def watch(queue: DvcQueue, jobs: list[Job], workers: int) -> list[Job]:
     return [j for j in jobs if j.status != "Success"]
 
 
-def run(root: Path, jobs: list[Job], workers: int) -> list[Job]:
-    """Queue every job, run them with `workers` DVC queue workers; returns the jobs that did not succeed."""
-    queue = DvcQueue(root)
-    for job in jobs:
-        enqueue(root, job)
-    print(f"Queued {len(jobs)} experiments; running them with {workers} worker(s)", flush=True)
+def journal(root: Path) -> Path:
+    """Where `run` keeps the DVC names of the jobs it queued until it has watched them all (DVC's tmp folder)."""
+    return root / ".dvc" / "tmp" / "imgclf-experiments.json"
+
+
+def adopt(root: Path, jobs: list[Job]) -> int:
+    """Give back their DVC names to the jobs an earlier `imgclf experiments` queued but did not see end (killed,
+    even by kill -9: its queue workers go on), so they are watched again instead of queued and run twice.
+
+    The workspace lock (workspace.py) guarantees that earlier run is gone. Returns how many jobs were adopted.
+    """
     try:
-        return watch(queue, jobs, workers)
+        saved = json.loads(journal(root).read_text())["jobs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    names = {(j["label"], tuple(j["args"])): j["name"] for j in saved}
+    for job in jobs:
+        job.name = names.get((job.label, tuple(job.args)), "")
+    return sum(bool(job.name) for job in jobs)
+
+
+def record(root: Path, jobs: list[Job]) -> None:
+    jobs_queued = [{"label": j.label, "args": j.args, "name": j.name} for j in jobs if j.name]
+    write_json(journal(root), {"pid": os.getpid(), "jobs": jobs_queued})
+
+
+def run(root: Path, jobs: list[Job], workers: int) -> list[Job]:
+    """Queue every job (but those adopted from a killed earlier run), run them with `workers` DVC queue workers;
+    returns the jobs that did not succeed."""
+    queue = DvcQueue(root)
+    adopted = adopt(root, jobs)
+    if adopted:
+        print(f"{adopted} experiment(s) were queued by an earlier `imgclf experiments` that did not see them end: "
+              "watching them instead of queueing them again", flush=True)
+    for job in [j for j in jobs if not j.name]:
+        enqueue(root, job)
+        record(root, jobs)  # at once: a kill -9 before the next one still leaves this one adoptable
+    print(f"Queued {len(jobs) - adopted} experiments; running them with {workers} worker(s)", flush=True)
+    try:
+        failed = watch(queue, jobs, workers)
+        journal(root).unlink(missing_ok=True)  # every job ended: a later run queues the grid afresh
+        return failed
     except KeyboardInterrupt:
         print("imgclf experiments: stopped watching; queued experiments go on in the background: "
               "`dvc queue status`, `dvc queue kill`", file=sys.stderr)

@@ -16,6 +16,11 @@ from PIL import Image, UnidentifiedImageError
 from imgclf.errors import DataError, one_line
 
 DEFAULT_SIZE = 32  # CIFAR-10's size, and the report's net's only one
+# A few hundred bytes of PNG can declare 20000x20000 pixels (a "decompression bomb"). Pillow only warns up
+# to 179 Mpx (~0.5 GB as RGB); the pipeline's images are at most 1024 px square, so a far larger source
+# image is refused from its header, before any pixel is decoded. 40 Mpx (~120 MB as RGB) still takes any
+# ordinary camera photo; larger scans must be downscaled first.
+MAX_PIXELS = 40_000_000
 
 
 def check_labels(y: Any, what: str, num_classes: int | None = None) -> np.ndarray:
@@ -72,14 +77,25 @@ def decode_image(data: bytes, path: Path, size: int = DEFAULT_SIZE) -> np.ndarra
     """One encoded image -> uint8 (size, size, 3): fully decoded, converted to RGB, resized if needed."""
     try:
         with Image.open(BytesIO(data)) as img:
+            _check_pixels(img, path)
             img.load()  # force the full decode so truncated files fail here, not later
             rgb = img.convert("RGB")
+    except DataError:
+        raise
     except Exception as exc:  # PIL signals malformed files with many exception types
         reason = "unknown image format" if isinstance(exc, UnidentifiedImageError) else one_line(exc)
         raise DataError(f"{path}: unreadable or truncated image ({reason}); re-export or remove it") from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _check_pixels(img: Image.Image, path: Path) -> None:
+    """Refuse an image whose header declares more than MAX_PIXELS (read before any pixel is decoded)."""
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise DataError(f"{path}: {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} Mpx an image may "
+                        "have (a decompression bomb?); downscale it or remove it")
 
 
 def load_image(path: str | Path, size: int = DEFAULT_SIZE) -> np.ndarray:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 # The flags that decide which oneDNN kernels run, oldest first.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-# Environment switches that change oneDNN's choice (recorded when set).
-ONEDNN_SWITCHES = ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS")
+# Environment switches that change which kernels run or how work is split (recorded when set; train.numerics
+# sets the last four).
+ONEDNN_SWITCHES = ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS", "TENSORFLOW_USE_CUSTOM_CONTRACTION_KERNEL",
+                   "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 
 
 def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:

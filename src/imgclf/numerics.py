@@ -1,8 +1,51 @@
-"""What decides the numbers a training run computes: seeds, op determinism, TF32 and mixed precision."""
+"""What decides the numbers a training run computes: the kernels TensorFlow picks (train.numerics), seeds,
+op determinism, TF32 and mixed precision."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+
+from imgclf.errors import ImgclfError
+
+# train.numerics -> the environment TensorFlow has to start with. `native` takes the fastest kernels for this
+# CPU: oneDNN's, chosen at run time from its instruction sets (AVX2, AVX-512, BF16, AMX) and summing in their
+# own orders, so weights differ between CPU kinds. `portable` turns oneDNN's ops and the oneDNN sgemm inside
+# Eigen's contractions off, leaving Eigen code compiled into the wheel (AVX, no FMA: the same instructions on
+# every x86-64 CPU). One TensorFlow kernel calls oneDNN's sgemm directly whatever the switches say
+# (Conv2DBackpropInput's matmul), so oneDNN is capped at AVX2, the kernel it runs on any CPU with AVX2.
+# Threads are fixed because Eigen and oneDNN split work by the thread count. Eigen's block sizes still follow
+# the cache sizes: docs/reproducibility.md says what that leaves.
+PORTABLE_THREADS = "2"
+NUMERICS_ENV = {
+    "native": {},
+    "portable": {"TF_ENABLE_ONEDNN_OPTS": "0", "TENSORFLOW_USE_CUSTOM_CONTRACTION_KERNEL": "0",
+                 "ONEDNN_MAX_CPU_ISA": "AVX2",
+                 "TF_NUM_INTRAOP_THREADS": PORTABLE_THREADS, "TF_NUM_INTEROP_THREADS": PORTABLE_THREADS},
+}
+
+def numerics_ready(mode: str) -> bool:
+    """Whether this process's TensorFlow runs (or will run) with `mode`'s kernels."""
+    return "tensorflow" not in sys.modules or all(os.environ.get(k) == v for k, v in NUMERICS_ENV[mode].items())
+
+
+def use_numerics(mode: str) -> None:
+    """Give TensorFlow `mode`'s environment; it reads it once, so this has to happen before it is imported."""
+    if not numerics_ready(mode):
+        settings = " ".join(f"{k}={v}" for k, v in NUMERICS_ENV[mode].items())
+        raise ImgclfError(f"train.numerics={mode} needs TensorFlow started with {settings}, but this process "
+                          f"imported it without; run `imgclf train` (it sets them) or set them before Python starts")
+    os.environ.update(NUMERICS_ENV[mode])
+
+
+def restart_with_numerics(mode: str) -> None:
+    """Re-execute this command with `mode`'s environment when TensorFlow is already loaded without it (a
+    rerun learns the mode from MLflow after importing it); otherwise just set it."""
+    if not numerics_ready(mode):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **NUMERICS_ENV[mode]})
+    use_numerics(mode)
 
 
 def seed_everything(seed: int, jit_compile: bool = False, tf32: bool = False) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from imgclf import sources
 from imgclf.errors import DataError, one_line
-from imgclf.files import new_temp_dir, recover_dir, replace_dir, sha256_bytes, write_json
+from imgclf.files import naming_failed_writes, new_temp_dir, recover_dir, replace_dir, sha256_bytes, write_json
 from imgclf.paths import MANIFEST, PREPARED_DIR
 from imgclf.sources import Source
 
@@ -130,8 +130,9 @@ def write_prepared(source: Source, params: dict, out_dir: str | Path = PREPARED_
     splits = split_source(source, params["seed"], data["dev_fraction"], data["max_train_samples"])
     tmp = new_temp_dir(out_dir)
     try:
-        manifest = _write_splits(tmp, splits, source, params)
-        replace_dir(tmp, out_dir)
+        with naming_failed_writes(out_dir):  # a full disk names data/prepared, not the temp folder
+            manifest = _write_splits(tmp, splits, source, params)
+            replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful replace_dir
     return manifest

@@ -16,7 +16,7 @@ from imgclf.prepared import load_prepared
 
 # Tags whose difference explains a DIFF: see tracking.environment_tags and machine.cpu_facts.
 ENV_TAGS = ("python_version", "tensorflow_version", "keras_version", "numpy_version", "platform", "device",
-            "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES), "cpu_count", "tf_intra_op_threads",
+            "numerics", "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES), "cpu_count", "tf_intra_op_threads",
             "tf_inter_op_threads")
 
 
@@ -109,16 +109,21 @@ def compare(client, original, new_run_id: str) -> tuple[bool, list[str]]:
     return False, lines
 
 
-def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR) -> int:
-    """Retrain RUN_ID's params on the same data as a new run tagged rerun_of; 0 on MATCH, 1 on DIFF."""
+def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = False) -> int:
+    """Retrain RUN_ID's params on the same data as a new run tagged rerun_of; 0 on MATCH, 1 on DIFF.
+
+    The run's train.numerics is known only once MLflow is read, after TensorFlow is loaded: with `restart`
+    (the CLI) the command starts again in a process with that mode's environment."""
     from mlflow.tracking import MlflowClient
 
+    from imgclf.numerics import restart_with_numerics, use_numerics
     from imgclf.tracking import configure
     from imgclf.train import train
 
     configure()
     client = MlflowClient()
     original, params = fetch_run(client, run_id)
+    (restart_with_numerics if restart else use_numerics)(params["train"]["numerics"])
     check_same_data(original, prepared_dir)
     with tempfile.TemporaryDirectory(prefix="imgclf-rerun-") as tmp:
         summary = train(params, prepared_dir, Path(tmp) / "model.keras", Path(tmp), Path(tmp) / "checkpoint",

@@ -18,6 +18,7 @@ import platform
 import re
 import secrets
 import socket
+import sqlite3
 import subprocess
 import tempfile
 from pathlib import Path
@@ -34,7 +35,8 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_TIMEOUT,
 )
 
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, one_line
+from imgclf.files import naming_failed_writes
 from imgclf.machine import cpu_facts
 from imgclf.metrics import EPOCH_METRICS
 from imgclf.paths import HISTORY_CSV, LOSS_PNG, MLFLOW_DB, MLRUNS_DIR
@@ -93,10 +95,76 @@ def configure() -> tuple[str, bool]:
         os.environ.setdefault(variable.name, value)
     uri, is_default = tracking_uri()
     check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    with store_lock(uri), store_errors("rerun"):
-        mlflow.search_experiments(max_results=1)  # creates a fresh sqlite store's tables, under the lock
+    with store_lock(uri):  # under the lock: another process may be creating the store's tables right now
+        check_sqlite_store(uri)
+        mlflow.set_tracking_uri(uri)
+        with store_errors("rerun"):
+            mlflow.search_experiments(max_results=1)  # creates a fresh sqlite store's tables, under the lock
     return uri, is_default
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+MLFLOW_TABLES = {"alembic_version", "experiments", "runs", "metrics"}
+# How long a store that another process holds locked is waited for before giving up with one line
+# (MLflow itself waits this long for a busy sqlite database on every write).
+STORE_BUSY_SECONDS = 20.0
+
+
+def check_sqlite_store(uri: str) -> None:
+    """Refuse, before MLflow opens it, an existing sqlite store that is damaged or not MLflow's.
+
+    MLflow would create its tables inside an empty or foreign SQLite file, and a damaged one fails in the
+    middle of a run. The check only reads (a read-only connection): the file is never modified.
+    """
+    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if path is None or not path.is_file():
+        return  # not sqlite, or a new store MLflow creates
+    fix = f"move it aside (mv {path} {path}.bad) to start a new store, or restore it from a backup; it was not modified"
+    problem = _sqlite_file_problem(path) or _sqlite_tables_problem(path)
+    if problem:
+        raise TrackingError(f"MLflow tracking store {path}: {problem}; {fix}")
+
+
+def _sqlite_file_problem(path: Path) -> str | None:
+    """What is wrong with the file itself (empty, not SQLite, shorter than its header says), else None."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        header = fh.read(100)
+    if size == 0:
+        return "empty file (0 bytes), not an MLflow store"
+    if not header.startswith(SQLITE_HEADER):
+        return f"not an SQLite database (starts with {header[:16]!r})"
+    page_size = int.from_bytes(header[16:18], "big") if len(header) == 100 else 0
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big") if len(header) == 100 else 0
+    if not page_size or size % page_size or size < pages * page_size:
+        return f"truncated ({size} bytes; its header says {pages} pages of {page_size} bytes)"
+    return None
+
+
+def _sqlite_tables_problem(path: Path) -> str | None:
+    """Whether the database reads back whole and holds MLflow's tables; waits STORE_BUSY_SECONDS for a lock."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True,
+                                                timeout=STORE_BUSY_SECONDS)) as db:
+            check = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            raise TrackingError(f"MLflow tracking store {path}: locked by another process for more than "
+                                f"{STORE_BUSY_SECONDS:.0f} s (`fuser {path}` names it); wait for it to finish "
+                                "or stop it, then rerun") from None
+        if "readonly" in str(exc):
+            return None  # a hot journal left by a killed writer: MLflow's read-write connection rolls it back
+        return f"damaged ({exc})"
+    except sqlite3.DatabaseError as exc:
+        return f"damaged ({exc})"
+    if check != "ok":
+        return f"damaged (sqlite quick_check: {check})"
+    missing = sorted(MLFLOW_TABLES - tables)
+    if missing:
+        return f"an SQLite database but not an MLflow store (no {', '.join(missing)} table)"
+    return None
 
 
 @contextlib.contextmanager
@@ -299,21 +367,25 @@ def _ends_active_run(then: str) -> Iterator[None]:
         with store_errors(then):
             yield
             mlflow.end_run("FINISHED")
-    except TrackingError:
-        _end_run_quietly("FAILED", retries=0)
+    except TrackingError as exc:
+        _end_run_quietly("FAILED", exc, retries=0)
         raise
     except BaseException as exc:
-        _end_run_quietly("KILLED" if isinstance(exc, KILLED_BY) else "FAILED")
+        _end_run_quietly("KILLED" if isinstance(exc, KILLED_BY) else "FAILED", exc)
         raise
 
 
-def _end_run_quietly(status: str, retries: int | None = None) -> None:
-    """End the active run (if any) with `status`; a store failure here must not hide the real error."""
+def _end_run_quietly(status: str, exc: BaseException, retries: int | None = None) -> None:
+    """End the active run (if any) with `status`, a FAILED one tagged `failure_reason` (the error's line);
+    a store failure here must not hide the real error."""
     name = MLFLOW_HTTP_REQUEST_MAX_RETRIES.name
     saved = os.environ.get(name)
     if retries is not None:
         os.environ[name] = str(retries)
     try:
+        if status == "FAILED" and mlflow.active_run():
+            with contextlib.suppress(*STORE_FAILURES):
+                mlflow.set_tag("failure_reason", one_line(exc)[:5000])  # MLflow caps tag values at 8000 chars
         mlflow.end_run(status)
     except STORE_FAILURES:
         pass  # mlflow.end_run pops the local run first: nothing stays active
@@ -425,7 +497,8 @@ class Tracker:
             if not reopen:
                 mlflow.set_tags({"weights_sha256": weights_sha256, "evaluation_of": run_id or "unknown"})
                 mlflow.log_param("evaluate.tta", tta)
-            yield mlflow.active_run().info.run_id
+            with artifacts_written():
+                yield mlflow.active_run().info.run_id
 
     @staticmethod
     def _evaluates_as_trained(run_id: str | None, tta: str) -> bool:
@@ -465,8 +538,9 @@ class TrainingRun:
             **({"variant": params["tracking"]["variant"]} if params["tracking"]["variant"] else {}),
             **tags,
         })
-        mlflow.log_text(yaml.safe_dump(params, sort_keys=False), "params.yaml")
-        mlflow.log_dict(manifest, "data/manifest.json")
+        with artifacts_written():
+            mlflow.log_text(yaml.safe_dump(params, sort_keys=False), "params.yaml")
+            mlflow.log_dict(manifest, "data/manifest.json")
         # MLflow's sqlite store gets-or-creates the dataset row without a lock, so two runs on the same data
         # starting together can both insert it (`UNIQUE constraint failed: datasets...`); a server, too (no lock).
         def log_input():
@@ -500,9 +574,16 @@ class TrainingRun:
             mlflow.set_tag("collapsed_epoch", str(summary["collapsed_epoch"]))
             mlflow.log_metric("collapsed", 1.0, step=summary["collapsed_epoch"])
         mlflow.log_metrics({"epochs_run": summary["epochs_run"], "train_seconds": summary["train_seconds"]})
-        for name in (HISTORY_CSV, LOSS_PNG):
-            mlflow.log_artifact(str(reports_dir / name))
-        log_keras_model(model, self.register_as)
+        with artifacts_written():
+            for name in (HISTORY_CSV, LOSS_PNG):
+                mlflow.log_artifact(str(reports_dir / name))
+            log_keras_model(model, self.register_as)
+
+
+def artifacts_written() -> contextlib.AbstractContextManager:
+    """A local artifact store that cannot be written (a full disk) names its folder, as any other output."""
+    uri = mlflow.get_artifact_uri()
+    return naming_failed_writes(Path(uri.removeprefix("file://")) if uri.startswith("file://") else Path(uri))
 
 
 class NullRun:

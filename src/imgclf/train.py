@@ -19,7 +19,7 @@ from imgclf.dataset import make_dataset, steps_per_epoch
 from imgclf.errors import deferred_interrupts, raise_if_interrupted
 from imgclf.files import atomic_write, write_json
 from imgclf.metrics import HISTORY_COLUMNS
-from imgclf.numerics import precision_policy, seed_everything
+from imgclf.numerics import precision_policy, seed_everything, use_numerics
 from imgclf.paths import (CHECKPOINT_DIR, HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, RUN_INFO,
                           TRAIN_SUMMARY)
 from imgclf.prepared import load_prepared
@@ -198,6 +198,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     """
     start = time.perf_counter()
     paths, ckpt_dir, cfg = {"model": Path(model_path), "reports": Path(reports_dir)}, Path(ckpt_dir), params["train"]
+    use_numerics(cfg["numerics"])  # refuses if TensorFlow started with other kernels than asked for
     # 1. The strategy first (multi-worker collectives must be set up before any other TF op), then fail
     #    fast on an unreachable tracking server, before any expensive work. Only the chief tracks.
     strategy = distribute.make_strategy(cfg["distribute"])
@@ -216,7 +217,8 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     # 4. Fit inside one MLflow run (the same run when resuming); a crash ends it FAILED, a signal KILLED.
     #    Signals are only recorded while it runs and raised at the next batch, in our own code.
     tags = {**(tags or {}), "replicas": str(strategy.num_replicas_in_sync),
-            "op_determinism": str(not cfg["jit_compile"]).lower(), "tf32": str(cfg["tf32"]).lower()}
+            "op_determinism": str(not cfg["jit_compile"]).lower(), "tf32": str(cfg["tf32"]).lower(),
+            "numerics": cfg["numerics"]}
     with tracker.training_run(params, manifest, model, device, resume and resume["mlflow_run_id"], tags) as run, \
             deferred_interrupts():
         if resume:

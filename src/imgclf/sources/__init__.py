@@ -11,6 +11,7 @@ writing and the manifest are the prepare stage's job (prepare.py), the same for 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -58,4 +59,9 @@ def existing_path(data: dict, want: str, is_dir: bool) -> Path:
         raise DataError(f"{where}; set data.path to {want} (dataset: {data['dataset']})")
     if Path(path).is_dir() != is_dir:
         raise DataError(f"{path}: not {want}; set data.path to {want} (dataset: {data['dataset']})")
+    try:  # else an unlistable folder reads as one without train/ in it: a misleading "not found"
+        os.listdir(path) if is_dir else open(path, "rb").close()
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable ({exc.strerror}); fix its permissions (chmod -R u+rX {path}) "
+                        "and rerun") from None
     return Path(path)

@@ -1,0 +1,88 @@
+"""train.numerics (imgclf.numerics): portable mode starts TensorFlow without any kernel chosen from the CPU's
+instruction sets, so capping oneDNN's ISA no longer changes the weights; a process whose TensorFlow started
+otherwise is refused; `imgclf rerun` of a portable run restarts itself in that mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, pipeline_env, run, set_args
+from imgclf import rerun
+from imgclf.machine import cpu_facts
+from imgclf.numerics import NUMERICS_ENV
+
+# What a fresh process reports: the mode's variables as TensorFlow sees them, and whether oneDNN's ops are on.
+PROBE = """
+import json, os, sys
+from imgclf.numerics import use_numerics
+{before}
+use_numerics(sys.argv[1])
+from tensorflow.python.util import _pywrap_util_port
+print(json.dumps({{"onednn_ops": _pywrap_util_port.IsMklEnabled(),
+                  "env": {{k: os.environ.get(k) for k in {names!r}}}}}))
+"""
+NAMES = sorted(NUMERICS_ENV["portable"])
+
+
+def probe(mode: str, before: str = "") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in pipeline_env().items() if k not in NAMES}
+    return subprocess.run([sys.executable, "-c", PROBE.format(before=before, names=NAMES), mode],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_portable_turns_onednn_off_and_fixes_the_threads_native_changes_nothing():
+    portable, native = probe("portable"), probe("native")
+    assert json.loads(portable.stdout) == {"onednn_ops": False, "env": NUMERICS_ENV["portable"]}
+    assert json.loads(native.stdout) == {"onednn_ops": True, "env": dict.fromkeys(NAMES)}
+
+
+def test_portable_is_refused_once_tensorflow_started_with_other_kernels():
+    late = probe("portable", before="import tensorflow")
+    assert late.returncode != 0 and late.stdout == ""
+    last = late.stderr.strip().splitlines()[-1]
+    assert last.startswith("imgclf.errors.ImgclfError: train.numerics=portable needs TensorFlow started with "
+                           "TF_ENABLE_ONEDNN_OPTS=0 ")
+    assert json.loads(probe("native", before="import tensorflow").stdout)["onednn_ops"] is True
+
+
+def test_a_rerun_diff_names_the_numerics_mode_and_its_variables(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("t", artifact_location=str(tmp_path / "mlruns"))
+    runs = [client.create_run(experiment, tags={"weights_sha256": weights, **tags}).info.run_id for weights, tags in
+            [("a" * 64, {"numerics": "native"}), ("b" * 64, {"numerics": "portable", "tf_enable_onednn_opts": "0",
+                                                             "tf_num_intraop_threads": "2"})]]
+    match, lines = rerun.compare(client, client.get_run(runs[0]), runs[1])
+    assert not match and lines[2:] == ["  environment differs: numerics: native -> portable",
+                                       "  environment differs: tf_enable_onednn_opts: None -> 0",
+                                       "  environment differs: tf_num_intraop_threads: None -> 2"]
+
+
+def trained_hash(repo, mode: str, **env: str) -> tuple[str, str]:
+    """`imgclf train` in a fresh process with `env` added; (weights sha256, MLflow run id)."""
+    run(["imgclf", *set_args(TINY | {"train.numerics": mode}), "train"], repo, env=pipeline_env(**env))
+    run_id = json.loads((repo / "reports/run.json").read_text())["mlflow_run_id"]
+    return json.loads((repo / "reports/train.json").read_text())["weights_sha256"], run_id
+
+
+@pytest.mark.e2e
+def test_portable_weights_do_not_depend_on_onednns_isa_and_rerun_restarts_in_that_mode(prepared_copy):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN pick what it would on an AVX2-only CPU: native weights change with it
+    on an AVX-512 machine (the ISA is felt). Portable sets its own cap, so what the shell asks must not matter."""
+    portable, run_id = trained_hash(prepared_copy, "portable")
+    assert trained_hash(prepared_copy, "portable", ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")[0] == portable
+    native = trained_hash(prepared_copy, "native")[0]
+    capped = trained_hash(prepared_copy, "native", ONEDNN_MAX_CPU_ISA="AVX2")[0]
+    assert native != portable
+    if "avx512f" in cpu_facts()["cpu_isa"]:
+        assert capped != native
+    tags = MlflowClient(f"sqlite:///{prepared_copy / 'mlflow.db'}").get_run(run_id).data.tags
+    assert (tags["numerics"], tags["tf_enable_onednn_opts"], tags["onednn_max_cpu_isa"],
+            tags["tf_num_intraop_threads"]) == ("portable", "0", "AVX2", "2")
+    # the shell has no portable variables: rerun learns the mode from the run and starts again with it
+    rerun = run(["imgclf", "rerun", run_id], prepared_copy)
+    assert "MATCH: weights sha256 " + portable in rerun.stdout
