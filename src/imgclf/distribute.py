@@ -38,12 +38,21 @@ def make_strategy(name: str):
     raise ImgclfError(f"train.distribute={name!r}: unknown; use none, mirrored or multi_worker")
 
 
-def _check_tf_config() -> None:
-    """One clear line instead of TensorFlow's silent fallback to a one-worker 'cluster'."""
+def tf_config() -> tuple[dict, dict] | None:
+    """(cluster, task) from TF_CONFIG, or None when it is unset or not that shape."""
     try:
         config = json.loads(os.environ.get("TF_CONFIG") or "null")
-        ok = bool(config["cluster"]) and "type" in config["task"] and "index" in config["task"]
+        return config["cluster"], config["task"]
     except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _check_tf_config() -> None:
+    """One clear line instead of TensorFlow's silent fallback to a one-worker 'cluster'."""
+    config = tf_config()
+    try:
+        ok = config is not None and bool(config[0]) and "type" in config[1] and "index" in config[1]
+    except TypeError:  # a task that is not a mapping
         ok = False
     if not ok:
         raise ImgclfError(

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
+from imgclf.distribute import tf_config
 from imgclf.errors import ImgclfError
 from imgclf.exp_queue import pid_running
 from imgclf.files import OS_FIXES
@@ -49,11 +49,10 @@ def _holder(text: str) -> str:
 
 def _non_chief_worker(command: str) -> bool:
     """A multi-worker training process other than the chief: it writes nothing, so it needs no lock."""
-    try:
-        config = json.loads(os.environ.get("TF_CONFIG") or "null")
-        task, cluster = config["task"], config["cluster"]
-    except (ValueError, TypeError, KeyError):
+    config = tf_config()
+    if config is None:
         return False
+    cluster, task = config
     chief = task.get("type") == "chief" or ("chief" not in cluster and task.get("index") == 0)
     return command == "train" and not chief
 
