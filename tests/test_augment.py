@@ -66,3 +66,24 @@ def test_the_pipeline_augments_by_index_and_resumes_exactly(batch):
         np.testing.assert_array_equal(y, ry)
     x, _ = full[0]
     assert x.dtype == np.float32 and x.shape[1:] == (8, 8, 3)
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_a_memory_map_gives_the_batches_of_the_in_memory_array_without_a_graph_copy(tmp_path, augmented):
+    np.save(tmp_path / "x.npy", IMAGES)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    labels = np.arange(N) % 4
+    aug = Augment(seed=3, translate=1, flip="alternating") if augmented else None
+
+    def batches(x):
+        return [(b.numpy(), y.numpy()) for b, y in make_dataset(x, labels, 7, 9, 0, 2, aug)]
+
+    in_memory, from_map = batches(IMAGES), batches(mapped)
+    assert len(from_map) == len(in_memory) == 2 * -(-N // 7)
+    for (x, y), (mx, my) in zip(in_memory, from_map):
+        np.testing.assert_array_equal(mx, x)
+        np.testing.assert_array_equal(my, y)
+    # the map is read batch by batch: its pixels are not in the dataset's graph, as the in-memory array's are
+    pixels = IMAGES.tobytes()[:256]
+    assert pixels not in make_dataset(mapped, labels, 7, 9, 0, 1, aug)._as_serialized_graph().numpy()
+    assert pixels in make_dataset(IMAGES, labels, 7, 9, 0, 1, aug)._as_serialized_graph().numpy()

@@ -85,8 +85,19 @@ def test_mirrored_over_two_devices_matches_one_device(one_and_two_replicas):
     assert_same_training(one_and_two_replicas["mirrored"], one_and_two_replicas["none"])
 
 
-def run_workers(commands: list[list[str]], dirs: list[Path], envs: list[dict], timeout: float = 240) -> list[str]:
-    """Start every worker, wait for all; if one fails, stop the rest (they would wait for it forever)."""
+def mapped_files(pid: int) -> set[str]:
+    """The files process `pid` has memory-mapped now (none once it is gone)."""
+    try:
+        return {line.split(maxsplit=5)[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                if len(line.split(maxsplit=5)) == 6}
+    except OSError:
+        return set()
+
+
+def run_workers(commands: list[list[str]], dirs: list[Path], envs: list[dict], timeout: float = 240,
+                mapped: list[set] | None = None) -> list[str]:
+    """Start every worker, wait for all; if one fails, stop the rest (they would wait for it forever).
+    `mapped` collects, per worker, every file it was seen to have memory-mapped."""
     procs = [subprocess.Popen(cmd, cwd=d, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd, d, e in zip(commands, dirs, envs)]
     deadline = time.monotonic() + timeout
@@ -94,6 +105,8 @@ def run_workers(commands: list[list[str]], dirs: list[Path], envs: list[dict], t
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline or any(p.returncode not in (None, 0) for p in procs):
                 break
+            for seen, p in zip(mapped or [], procs):
+                seen |= mapped_files(p.pid)
             time.sleep(0.2)
     finally:
         for p in procs:
@@ -119,7 +132,10 @@ def test_multi_worker_trains_like_one_device_and_only_the_chief_writes(prepared,
         envs.append(pipeline_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})))
     before = files_in(dirs[1])
     cmd = ["imgclf", *set_args(SETTINGS | {"train.distribute": "multi_worker"}), "train"]
-    chief_out, worker_out = run_workers([cmd, cmd], dirs, envs)
+    mapped = [set(), set()]
+    chief_out, worker_out = run_workers([cmd, cmd], dirs, envs, mapped=mapped)
+    for folder, seen in zip(dirs, mapped):  # each worker reads the prepared arrays through a map, not a copy
+        assert {str((folder / "data/prepared" / f"{x}_{split}.npy").resolve()) for x in "xy" for split in ("train", "dev")} <= seen
 
     # Worker 0 is the chief: model, reports and one MLflow run, trained as on one device.
     chief = dirs[0]

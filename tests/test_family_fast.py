@@ -34,7 +34,7 @@ def patches(x: np.ndarray, k: int = 2) -> np.ndarray:
 def test_whitening_makes_the_patch_covariance_the_identity():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 16, 16, 3)) @ np.array([[1.0, 0.8, 0.1], [0.0, 0.5, 0.3], [0.0, 0.0, 0.2]])
-    kernel = fast.whitening_kernel(x, eps=0.0)
+    kernel = fast.whitening_kernel(x, mean=0.0, std=1 / 255.0, eps=0.0)  # normalises x to itself
     assert kernel.shape == (2, 2, 3, 24)
     flat = kernel.reshape(12, 24)
     np.testing.assert_allclose(flat[:, 12:], -flat[:, :12])  # the second half is the first negated
@@ -44,6 +44,23 @@ def test_whitening_makes_the_patch_covariance_the_identity():
     eigenvalues = np.linalg.eigvalsh(p.T @ p / len(p))[::-1]
     norms = np.linalg.norm(flat[:, :12], axis=0)
     np.testing.assert_allclose(norms, 1 / np.sqrt(eigenvalues), rtol=1e-8)  # largest eigenvalue first
+
+
+def test_statistics_and_whitening_of_large_images_go_chunk_by_chunk_to_the_one_pass_values(monkeypatch):
+    x = np.random.default_rng(3).integers(0, 256, (50, 20, 20, 3), dtype=np.uint8)
+    scaled = x / 255.0
+    mean, std = fast.channel_stats(x)  # one chunk: NumPy's own bits
+    assert np.array_equal(mean, scaled.mean(axis=(0, 1, 2))) and np.array_equal(std, scaled.std(axis=(0, 1, 2)))
+    one_pass = fast.whitening_kernel(x, mean, std)
+    seen = []
+    real_chunks = fast._image_chunks
+    monkeypatch.setattr(fast, "CHUNK_BYTES", 8 * 12 * 19 * 19 * 7)  # 7 images' patches per chunk
+    monkeypatch.setattr(fast, "_image_chunks", lambda *a, **k: (seen.append(len(c)) or c for c in real_chunks(*a, **k)))
+    chunked_mean, chunked_std = fast.channel_stats(x)
+    np.testing.assert_allclose(chunked_mean, mean, rtol=1e-13)
+    np.testing.assert_allclose(chunked_std, std, rtol=1e-13)
+    np.testing.assert_allclose(fast.whitening_kernel(x, mean, std), one_pass, rtol=1e-9, atol=1e-12)
+    assert max(seen) < len(x) and sum(seen) == 3 * len(x)  # every pass saw every image, in chunks
 
 
 def test_dirac_makes_the_first_filters_identities():
@@ -66,7 +83,7 @@ def test_the_net_takes_any_size_and_starts_whitened_and_dirac(size):
     whiten = model.get_layer("whiten")
     assert not whiten.kernel.trainable and whiten.bias.trainable
     mean, std = fast.channel_stats(x[:30])
-    expected = fast.whitening_kernel((x[:30] / 255.0 - mean) / std)
+    expected = fast.whitening_kernel(x[:30], mean, std)
     np.testing.assert_allclose(whiten.kernel.numpy(), expected, rtol=1e-5, atol=1e-5)
     assert np.all(model.get_layer("block2_conv2").kernel.numpy()[1, 1] == np.eye(256))
     assert model.get_layer("logit_scale").scale == pytest.approx(1 / 9)

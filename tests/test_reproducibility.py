@@ -33,12 +33,21 @@ def loss_only(history: list[dict]) -> list[tuple]:
     return [(row["epoch"], row["loss"], row["loss_sum"], row["dev_loss"]) for row in history]
 
 
+def logged_losses(client, run_id: str) -> list[tuple]:
+    """loss_only's columns as the run logged them to MLflow, epoch by epoch."""
+    keys = ("loss", "loss_sum", "dev_loss")
+    by_key = [sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys]
+    assert [[step for step, _ in steps] for steps in by_key] == [[step for step, _ in by_key[0]]] * len(keys)
+    return [(step, *(steps[i][1] for steps in by_key)) for i, (step, _) in enumerate(by_key[0])]
+
+
 def test_same_seed_same_weights_resume_after_kill_and_rerun(prepared_copy):
     repo_copy = prepared_copy  # as after `imgclf prepare` with SETTINGS (TINY's data)
-    first, second = train(repo_copy), train(repo_copy)
-    assert first["weights_sha256"] == second["weights_sha256"]
-    assert loss_only(first["history"]) == loss_only(second["history"])
-    assert first["mlflow_run_id"] != second["mlflow_run_id"]
+    # The second process with the same seed is `imgclf rerun` of the first run, below: the same weights and losses.
+    first = train(repo_copy)
+    assert loss_only(first["history"]) == [(str(step), *(repr(v) for v in values)) for step, *values in
+                                           logged_losses(MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}"),
+                                                         first["mlflow_run_id"])]
     other_seed = train(repo_copy, seed="52")
     assert other_seed["weights_sha256"] != first["weights_sha256"]
 
@@ -72,10 +81,15 @@ def test_same_seed_same_weights_resume_after_kill_and_rerun(prepared_copy):
     new_id = re.search(r"\(run (\w+)\)", proc.stdout).group(1)
     tags = client.get_run(new_id).data.tags
     assert tags["rerun_of"] == first["mlflow_run_id"] and tags["reproduced"] == "true"
+    # ... a second process with the same seed: the same weights, the same losses at every epoch, a new run.
+    second = {"weights_sha256": tags["weights_sha256"], "mlflow_run_id": new_id}
+    assert first["weights_sha256"] == second["weights_sha256"]
+    assert logged_losses(client, first["mlflow_run_id"]) == logged_losses(client, second["mlflow_run_id"])
+    assert first["mlflow_run_id"] != second["mlflow_run_id"]
 
     # A logged hash that no longer matches: DIFF, exit 1, and the explanation lines.
-    client.set_tag(second["mlflow_run_id"], "weights_sha256", "0" * 64)
-    proc = run(["imgclf", "rerun", second["mlflow_run_id"]], repo_copy, check=False)
+    client.set_tag(first["mlflow_run_id"], "weights_sha256", "0" * 64)
+    proc = run(["imgclf", "rerun", first["mlflow_run_id"]], repo_copy, check=False)
     assert proc.returncode == 1 and "DIFF: weights sha256" in proc.stdout
     assert "per-epoch losses are identical" in proc.stdout
     new_id = re.search(r"DIFF: weights sha256 \w+ \(run (\w+)\)", proc.stdout).group(1)

@@ -55,3 +55,20 @@ def test_none_is_one_plain_prediction():
     x = np.zeros((3, 4, 4, 1), np.uint8)
     out = tta.predict_logits(model, x, "none")
     assert len(model.seen) == 1 and np.array_equal(out, Recorder().predict(x.astype(np.float32), 1, 0))
+
+
+@pytest.mark.parametrize("mode", ["none", "flip_translate"])
+def test_a_split_goes_through_in_chunks_of_whole_batches_with_the_logits_of_one_pass(monkeypatch, mode):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    x = np.random.default_rng(4).integers(0, 256, (45, 6, 6, 3), dtype=np.uint8)
+    one_pass = tta.predict_logits(model, x, mode, batch_size=4)
+    calls = []
+    real_predict = model.predict
+    monkeypatch.setattr(model, "predict", lambda images, **kw: calls.append(len(images)) or real_predict(images, **kw))
+    monkeypatch.setattr(tta, "CHUNK_BYTES", 3 * 4 * 6 * 6 * 3 * 4)  # three batches of 4 float32 images
+    chunked = tta.predict_logits(model, x, mode, batch_size=4)
+    assert np.array_equal(chunked, one_pass)  # bit for bit: every batch is the one a single pass sees
+    assert calls == [n for n in (12, 12, 12, 9) for _ in tta.VIEWS[mode]]  # chunk by chunk, every view of each
+    assert chunked.shape == (45, 3)

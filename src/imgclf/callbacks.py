@@ -12,6 +12,7 @@ import numpy as np
 
 from imgclf.errors import ImgclfError, raise_if_interrupted
 from imgclf.metrics import f1_macro, softmax_cross_entropy
+from imgclf.tta import predict_logits
 
 
 class NonFiniteLossError(ImgclfError):
@@ -58,7 +59,7 @@ class DevMetrics(keras.callbacks.Callback):
         self.num_classes, self.batch_size = num_classes, batch_size
 
     def on_epoch_end(self, epoch, logs=None):
-        logits = self.model.predict(self.x_dev, batch_size=self.batch_size, verbose=0)
+        logits = predict_logits(self.model, self.x_dev, "none", self.batch_size)
         reg = float(sum(float(loss) for loss in self.model.losses))
         logs["dev_loss"] = softmax_cross_entropy(self.y_dev, logits) + reg
         y_pred = logits.argmax(axis=1)

@@ -87,6 +87,7 @@ BASE_SCHEMA: dict[str, Any] = {
         "dev_fraction": Key(NUM, finite(0, 1), "in (0, 1)"),
         "max_train_samples": Key(INT, lambda v: v >= 20, ">= 20 or null", nullable=True),
         "image_size": Key(INT, lambda v: 8 <= v <= 1024, "in 8..1024"),
+        "workers": Key(INT, lambda v: v >= 1, ">= 1, or null for every core", nullable=True),
     },
     "model": {},
     "train": {

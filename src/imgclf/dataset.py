@@ -1,4 +1,8 @@
-"""The training input pipeline: per-epoch stateless shuffles of the uint8 arrays, batched in tf.data."""
+"""The training input pipeline: per-epoch stateless shuffles of the uint8 arrays, batched in tf.data.
+
+A memory-mapped array (what train loads from data/prepared) stays on disk: each batch is gathered from
+the map as it is needed. An in-memory array is copied into the graph once, as a constant.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,22 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return math.ceil(num_samples / batch_size)
 
 
+def _gatherer(x: np.ndarray):
+    """idx -> the uint8 images x[idx] as a tensor: read from the file for a memory map (one batch in memory,
+    not the data set), from a graph constant otherwise (in-memory arrays, e.g. in tests)."""
+    import tensorflow as tf
+
+    if not isinstance(x, np.memmap):
+        images = tf.constant(x)
+        return lambda idx: tf.gather(images, idx)
+
+    def gather(idx):
+        batch = tf.numpy_function(lambda rows: x[rows], [idx], tf.uint8, stateful=False)
+        return tf.ensure_shape(batch, (None, *x.shape[1:]))
+
+    return gather
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int,
                  augment: Augment | None = None):
     """Batches for epochs first_epoch..epochs-1, each epoch's order a stateless shuffle of (seed, epoch).
@@ -24,7 +44,7 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first
     """
     import tensorflow as tf
 
-    images, labels = tf.constant(x), tf.constant(y)
+    gather, labels = _gatherer(x), tf.constant(y)
     indices = tf.range(len(x), dtype=tf.int64)
 
     def epoch_batches(epoch):
@@ -33,10 +53,10 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first
         return batches if augment is None else batches.map(lambda idx: (idx, epoch))
 
     def plain(idx):
-        return tf.cast(tf.gather(images, idx), tf.float32), tf.gather(labels, idx)
+        return tf.cast(gather(idx), tf.float32), tf.gather(labels, idx)
 
     def augmented(idx, epoch):
-        return tf.cast(augment(tf.gather(images, idx), idx, epoch, len(x)), tf.float32), tf.gather(labels, idx)
+        return tf.cast(augment(gather(idx), idx, epoch, len(x)), tf.float32), tf.gather(labels, idx)
 
     ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
     ds = ds.map(plain if augment is None else augmented)

@@ -1,14 +1,20 @@
 """The `prepare` stage: a data source -> seeded, stratified uint8 arrays plus manifest.json.
 
 The source is the plug-in `data.dataset` names (src/imgclf/sources/); this module splits what it
-loaded into train/dev (and its test split, if any) and writes data/prepared atomically. Nothing here
-imports TensorFlow, so the stage stays light.
+loaded into train/dev (and its test split, if any) and writes data/prepared atomically. Each array is
+written into its preallocated .npy a chunk of rows at a time; a lazy source's images (the folder's) are
+decoded on `data.workers` processes, each writing its chunks into the file, so neither the data set nor a
+split is ever in memory. Nothing here imports TensorFlow, so the stage stays light (and worker processes can fork).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
+import io
+import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,8 @@ from imgclf import sources
 from imgclf.errors import DataError, one_line
 from imgclf.files import naming_failed_writes, new_temp_dir, recover_dir, replace_dir, sha256_bytes, write_json
 from imgclf.paths import MANIFEST, PREPARED_DIR
-from imgclf.sources import Source
+from imgclf.sources import Images, Source
+from imgclf.workers import Workers
 
 
 def _stratified(idx: np.ndarray, y: np.ndarray, classes: list[str], seed: int, step: str, **size: Any) -> list:
@@ -42,8 +49,8 @@ def _stratified(idx: np.ndarray, y: np.ndarray, classes: list[str], seed: int, s
 def split_source(source: Source, seed: int, dev_fraction: float, max_train_samples: int | None) -> dict:
     """{"train", "dev"[, "test"]} -> (x, y, rows): optional stratified subset, then stratified dev split.
 
-    A split is the rows `rows` (all when None) of x and y: they are only copied out chunk by chunk
-    when written, so the data set is never in memory twice.
+    A split is the rows `rows` (all when None) of x and y: they are only copied out (or decoded) chunk
+    by chunk when written, so the data set is never in memory twice (a lazy source's: not even once).
     """
     if len(source.y) == 0:
         raise DataError(f"{source.info['path']}: no training images; add some")
@@ -59,37 +66,73 @@ def split_source(source: Source, seed: int, dev_fraction: float, max_train_sampl
     return splits
 
 
-def _save_rows(path: Path, array: np.ndarray, rows: np.ndarray | None, chunk: int = 4096) -> str:
-    """np.save(path, array[rows]) and return sha256_array(array[rows]), without ever holding array[rows].
-
-    The same .npy bytes as np.save (format 1.0 header, C order) and the same digest as sha256_array.
-    """
+def _layout(array: np.ndarray | Images, rows: np.ndarray | None) -> tuple[np.ndarray, tuple, bytes]:
+    """The rows to write (all when None), their shape, and the .npy header np.save writes for them."""
     rows = np.arange(len(array)) if rows is None else rows
     shape = (len(rows), *array.shape[1:])
-    digest = hashlib.sha256(f"{array.dtype.str}{shape}".encode())
-    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": shape}
+    header = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(array.dtype)
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return rows, shape, header.getvalue()
+
+
+def _reserve(path: Path, array: np.ndarray | Images, rows: np.ndarray | None) -> None:
+    """Allocate the whole .npy of array[rows] now, so a full disk fails before the decoding, not hours in."""
+    _, shape, header = _layout(array, rows)
+    allocate = getattr(os, "posix_fallocate", None)  # Linux and most Unixes; not macOS
     with open(path, "wb") as fh:
-        np.lib.format.write_array_header_1_0(fh, header)
-        for start in range(0, len(rows), chunk):
-            block = np.ascontiguousarray(array[rows[start:start + chunk]]).reshape(-1).view(np.uint8)
-            fh.write(block)
-            digest.update(block)
+        try:
+            if allocate:
+                allocate(fh.fileno(), 0, len(header) + math.prod(shape) * array.dtype.itemsize)
+        except OSError as exc:  # these three: the file system cannot; the file then grows as it is written
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+
+
+def _save_rows(path: Path, array: np.ndarray | Images, rows: np.ndarray | None, chunk: int = 4096,
+               workers: Workers | None = None) -> str:
+    """np.save(path, array[rows]) and return sha256_array(array[rows]), without ever holding array[rows].
+
+    The same .npy bytes as np.save (format 1.0 header, C order) and the same digest as sha256_array,
+    written over the file in place (as _reserve allocated it). An Images is decoded into the file on
+    `workers` (default: in this process); its rows are hashed as they land, in order.
+    """
+    rows, shape, header = _layout(array, rows)
+    digest = hashlib.sha256(f"{array.dtype.str}{shape}".encode())
+    with open(path, "r+b" if path.exists() else "wb") as fh:
+        fh.write(header)
+        if isinstance(array, np.ndarray):
+            for start in range(0, len(rows), chunk):
+                block = np.ascontiguousarray(array[rows[start:start + chunk]]).reshape(-1).view(np.uint8)
+                fh.write(block)
+                digest.update(block)
+        else:
+            fh.flush()
+            row_bytes, done = math.prod(shape[1:]) * array.dtype.itemsize, 0
+            for written in array.decode_into(path, len(header), rows, workers or Workers(1)):
+                digest.update(os.pread(fh.fileno(), (written - done) * row_bytes, len(header) + done * row_bytes))
+                done = written
+            fh.seek(len(header) + done * row_bytes)
+        fh.truncate()  # the file may have held more
     return digest.hexdigest()
 
 
-def _write_splits(folder: Path, splits: dict, source: Source, params: dict) -> dict:
+def _write_splits(folder: Path, splits: dict, source: Source, params: dict, workers: Workers) -> dict:
     """Save every split's arrays into `folder` and write manifest.json describing them."""
-    arrays, summary = {}, {}
-    for split, (x, y, rows) in splits.items():
-        for name, array in ((f"x_{split}.npy", x), (f"y_{split}.npy", y)):
-            arrays[name] = _save_rows(folder / name, array, rows)
+    outputs = {f"{kind}_{split}.npy": (array, rows)
+               for split, (x, y, rows) in splits.items() for kind, array in (("x", x), ("y", y))}
+    for name, (array, rows) in outputs.items():  # every file first: a full disk fails before any decoding
+        _reserve(folder / name, array, rows)
+    arrays = {name: _save_rows(folder / name, *output, workers=workers) for name, output in outputs.items()}
+    summary = {}
+    for split, (_, y, rows) in splits.items():
         labels = y if rows is None else y[rows]
         counts = np.bincount(labels, minlength=len(source.classes))
         summary[split] = {"count": int(len(labels)), "per_class": dict(zip(source.classes, map(int, counts)))}
     data = params["data"]
     manifest = {
         "dataset": data["dataset"],
-        "source": source.info,
+        "source": source.finish(workers) if source.finish else source.info,
         "classes": source.classes,
         "num_classes": len(source.classes),
         "image_shape": list(source.x.shape[1:]),
@@ -131,7 +174,9 @@ def write_prepared(source: Source, params: dict, out_dir: str | Path = PREPARED_
     tmp = new_temp_dir(out_dir)
     try:
         with naming_failed_writes(out_dir):  # a full disk names data/prepared, not the temp folder
-            manifest = _write_splits(tmp, splits, source, params)
+            # data.workers is absent from params built in code (tests, benchmarks): every core then
+            with Workers(data.get("workers")) as workers:  # all gone before the output is replaced
+                manifest = _write_splits(tmp, splits, source, params, workers)
             replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful replace_dir

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+CHUNK_BYTES = 64 << 20  # float32 pixels per predict call, whatever the split's size
+
 # (weight, mirrored, shift in pixels along both axes) per view
 VIEWS = {
     "none": ((1.0, False, 0),),
@@ -31,7 +33,18 @@ def view(x: np.ndarray, mirrored: bool, shift: int) -> np.ndarray:
 
 
 def predict_logits(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
-    """Logits for uint8 images under `tta`; the model scales raw pixels itself."""
+    """Logits for uint8 images under `tta`; the model scales raw pixels itself.
+
+    The images go through in chunks of whole batches, so only a chunk is ever converted to float32 (a
+    memory-mapped split stays on disk) and every batch, hence every logit, is the one a single pass gives.
+    """
+    per_batch = batch_size * 4 * int(np.prod(x.shape[1:]))
+    step = batch_size * max(1, CHUNK_BYTES // per_batch)
+    chunks = [_chunk_logits(model, x[start:start + step], tta, batch_size) for start in range(0, max(len(x), 1), step)]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _chunk_logits(model, x: np.ndarray, tta: str, batch_size: int) -> np.ndarray:
     total = 0.0
     for weight, mirrored, shift in VIEWS[tta]:
         images = np.ascontiguousarray(view(x, mirrored, shift), dtype=np.float32)

@@ -28,6 +28,7 @@ WHITEN_KERNEL = 2           # the whitening conv sees 2x2 patches
 WHITEN_EPS = 5e-4           # added to the patch covariance's eigenvalues before 1/sqrt
 LOGIT_SCALE = 1 / 9         # airbench's output scaling
 BN_EPSILON = 1e-12
+CHUNK_BYTES = 256 << 20     # float64 work per chunk of the whitening sample (CIFAR's 5,000 images: one chunk)
 LR_SCHEDULE = (0.2, 0.23, 1.0, 0.07)  # lr factor: 0.2 at step 0, 1.0 at 23 % of the steps, 0.07 at the end
 LOOKAHEAD_DECAY = 0.95      # per step; a sync every k steps uses 0.95**k * (step / total)**3
 LOOKAHEAD_FROM_EPOCH = 3    # 1-based epoch of the first lookahead sync
@@ -98,19 +99,34 @@ def _conv_group(x, width: int, momentum: float, name: str):
     return norm_gelu(conv(norm_gelu(x, 1), "conv2"), 2)
 
 
+def _image_chunks(x: np.ndarray, per_image_bytes: int, most: int | None = None):
+    """x in slices of as many images (at most `most`) as fit CHUNK_BYTES of per-image float64 work: a
+    whitening sample of large images (5,000 at 224 px is 6 GB as float64) is never converted at once."""
+    step = min(most or len(x), max(1, CHUNK_BYTES // per_image_bytes))
+    return (x[start:start + step] for start in range(0, len(x), step))
+
+
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of uint8 images scaled to [0, 1]."""
-    x = x.astype(np.float64) / 255.0
-    return x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
+    """Per-channel mean and std of uint8 images scaled to [0, 1], as np.mean and np.std compute them (two
+    passes in float64, chunk by chunk; one chunk, and so NumPy's very bits, for CIFAR-sized samples)."""
+    pixels = x.size // x.shape[-1]
+    chunks = lambda: _image_chunks(x, 8 * int(np.prod(x.shape[1:])))  # noqa: E731
+    mean = sum(np.add.reduce(c.astype(np.float64) / 255.0, axis=(0, 1, 2)) for c in chunks()) / pixels
+    squares = sum(np.add.reduce(np.square(c.astype(np.float64) / 255.0 - mean), axis=(0, 1, 2)) for c in chunks())
+    return mean, np.sqrt(squares / pixels)
 
 
-def whitening_kernel(x: np.ndarray, eps: float = WHITEN_EPS, k: int = WHITEN_KERNEL) -> np.ndarray:
-    """(k, k, C, 2·k·k·C) conv kernel from normalised images: the eigenvectors of the uncentered covariance of
-    their k x k patches, largest first, each scaled by 1/sqrt(eigenvalue + eps), then the same negated."""
+def whitening_kernel(x: np.ndarray, mean: np.ndarray, std: np.ndarray, eps: float = WHITEN_EPS,
+                     k: int = WHITEN_KERNEL) -> np.ndarray:
+    """(k, k, C, 2·k·k·C) conv kernel from uint8 images normalised by mean and std: the eigenvectors of the
+    uncentered covariance of their k x k patches, largest first, each scaled by 1/sqrt(eigenvalue + eps),
+    then the same negated."""
     dim = k * k * x.shape[-1]
     cov, count = np.zeros((dim, dim)), 0
-    for start in range(0, len(x), 500):  # patches of 500 images at a time: ~46 MB, not GBs
-        patches = np.lib.stride_tricks.sliding_window_view(x[start:start + 500], (k, k), axis=(1, 2))
+    patch_bytes = 8 * dim * (x.shape[1] - k + 1) * (x.shape[2] - k + 1)
+    for chunk in _image_chunks(x, patch_bytes, most=500):  # 500 images' patches: 46 MB at 32 px
+        normalized = (chunk / 255.0 - mean) / std
+        patches = np.lib.stride_tricks.sliding_window_view(normalized, (k, k), axis=(1, 2))
         patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dim)  # (kh, kw, c): Keras' kernel order
         cov += patches.T @ patches
         count += len(patches)
@@ -152,7 +168,7 @@ def build(params: dict, num_classes: int, x_train: np.ndarray):
     logits = keras.layers.Rescaling(1 / knobs["widths"][-1] if muon else LOGIT_SCALE, name="logit_scale",
                                     dtype="float32")(head(x))
     model = keras.Model(inputs, logits, name="fast_cnn")
-    whiten.kernel.assign(whitening_kernel((sample / 255.0 - mean) / std).astype(np.float32))
+    whiten.kernel.assign(whitening_kernel(sample, mean, std).astype(np.float32))
     whiten.kernel.trainable = False
     for layer in model.layers:
         if layer.name.endswith(("_conv1", "_conv2")):

@@ -7,6 +7,15 @@ A source module builds a `DataSource` and registers it:
 `load(params["data"])` returns a `Source`: the training pool, an optional test split, class names and
 provenance; every bad input raises DataError with one line naming the culprit and the fix. Splitting,
 writing and the manifest are the prepare stage's job (prepare.py), the same for every source.
+
+A source's images are an ndarray, or, for a data set that need not fit in memory, an `Images`: the array's
+shape and dtype, and `decode_into(path, offset, rows, workers)`, which writes those rows' images into the
+file prepare allocated, a few rows at a time, decoded on prepare's worker processes (imgclf.workers), and
+yields how many rows are written, in order. The pixels go from each worker straight to the file: prepare
+only reads them back to hash them. Only the labels are needed to split, so nothing is decoded before
+prepare writes it. Such a source may also give `finish(workers)`: called once
+every split is written, it returns the complete `info` (the folder source's digest of every file, most
+of them read while decoding).
 """
 
 from __future__ import annotations
@@ -14,23 +23,39 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
 from imgclf.errors import DataError
 from imgclf.registry import Registry
+from imgclf.workers import Workers
+
+
+class Images(Protocol):
+    """Images read lazily: what prepare needs of the (N, S, S, 3) uint8 array they stand for."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __len__(self) -> int: ...
+
+    def decode_into(self, path: Path, offset: int, rows: np.ndarray, workers: Workers) -> Iterator[int]:
+        """Write the images of `rows`, C-ordered, into the file `path` from byte `offset` on; after each chunk,
+        in order, yield how many rows (from the first) are written."""
+        ...
 
 
 @dataclass
 class Source:
     """One loaded data set: the training pool, the optional test split, class names, provenance."""
 
-    x: np.ndarray
+    x: np.ndarray | Images
     y: np.ndarray
     classes: list[str]
     info: dict[str, Any]
-    test: tuple[np.ndarray, np.ndarray] | None = field(default=None)
+    test: tuple[np.ndarray | Images, np.ndarray] | None = field(default=None)
+    finish: Callable[[Workers], dict[str, Any]] | None = None  # -> the complete info, once the splits are written
 
 
 @dataclass(frozen=True)
