@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 # What training logs per epoch (MLflow, step = epoch), in the order MLflow shows them.
 EPOCH_METRICS = ("loss", "loss_sum", "accuracy", "dev_loss", "dev_accuracy", "dev_f1_macro",
@@ -14,6 +13,8 @@ HISTORY_COLUMNS = ("epoch", *(m for m in EPOCH_METRICS if m != "epoch_seconds"))
 
 def f1_macro(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """The report's "f1 score": scikit-learn's macro F1 over every class, absent ones scoring 0."""
+    from sklearn.metrics import f1_score  # here: scikit-learn takes ~1 s to import, which only scoring needs
+
     return float(f1_score(y_true, y_pred, labels=range(num_classes), average="macro", zero_division=0))
 
 
@@ -27,6 +28,8 @@ def softmax_cross_entropy(y_true: np.ndarray, logits: np.ndarray) -> float:
 
 def classification_metrics(y_true: np.ndarray, logits: np.ndarray, classes: list[str]) -> dict:
     """Loss, accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
     y_pred = logits.argmax(axis=1)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
