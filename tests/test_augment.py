@@ -87,3 +87,18 @@ def test_a_memory_map_gives_the_batches_of_the_in_memory_array_without_a_graph_c
     pixels = IMAGES.tobytes()[:256]
     assert pixels not in make_dataset(mapped, labels, 7, 9, 0, 1, aug)._as_serialized_graph().numpy()
     assert pixels in make_dataset(IMAGES, labels, 7, 9, 0, 1, aug)._as_serialized_graph().numpy()
+
+
+def test_the_training_map_is_read_row_by_row_without_readahead(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((300, 32, 32, 3), np.uint8))
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+
+    def advice() -> list[str]:
+        """The VmFlags of this process's map of x.npy (`rr`: MADV_RANDOM, no readahead)."""
+        lines = open("/proc/self/smaps").read().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.endswith(str(tmp_path / "x.npy")))
+        return next(line for line in lines[start + 1:] if line.startswith("VmFlags")).split()[1:]
+
+    assert "rr" not in advice()
+    make_dataset(mapped, np.arange(300) % 4, 32, 9, 0, 1)
+    assert "rr" in advice()

@@ -6,7 +6,9 @@ the map as it is needed. An in-memory array is copied into the graph once, as a 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 
 import numpy as np
 
@@ -30,6 +32,10 @@ def _gatherer(x: np.ndarray):
         batch = tf.numpy_function(lambda rows: x[rows], [idx], tf.uint8, stateful=False)
         return tf.ensure_shape(batch, (None, *x.shape[1:]))
 
+    # Batches take rows from all over the file: the kernel's readahead around each would read (and keep
+    # resident in this process) megabytes that no batch asked for.
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # not a map of its own, or no madvise here
+        x._mmap.madvise(mmap.MADV_RANDOM)
     return gather
 
 
