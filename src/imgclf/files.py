@@ -236,9 +236,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def array_hasher(dtype: np.dtype, shape: tuple):
+    """The sha256 of sha256_array with dtype and shape fed in: update it with the C-ordered bytes. Writers
+    and readers that stream an array's bytes (prepare, prepared) start here, so their digests stay equal."""
+    return hashlib.sha256(f"{np.dtype(dtype).str}{tuple(shape)}".encode())
+
+
 def sha256_array(array: np.ndarray) -> str:
     """sha256 over dtype, shape and the C-ordered bytes, so equal digests mean equal arrays."""
     array = np.ascontiguousarray(array)
-    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest = array_hasher(array.dtype, array.shape)
     digest.update(array.reshape(-1).view(np.uint8))  # the bytes in place: tobytes() would copy the array
     return digest.hexdigest()

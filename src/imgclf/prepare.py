@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import io
 import math
 import os
@@ -23,7 +22,8 @@ import numpy as np
 
 from imgclf import sources
 from imgclf.errors import DataError, one_line
-from imgclf.files import naming_failed_writes, new_temp_dir, recover_dir, replace_dir, sha256_bytes, write_json
+from imgclf.files import (array_hasher, naming_failed_writes, new_temp_dir, recover_dir, replace_dir, sha256_bytes,
+                          write_json)
 from imgclf.paths import MANIFEST, PREPARED_DIR
 from imgclf.sources import Images, Source
 from imgclf.workers import Workers
@@ -98,7 +98,7 @@ def _save_rows(path: Path, array: np.ndarray | Images, rows: np.ndarray | None, 
     `workers` (default: in this process); its rows are hashed as they land, in order.
     """
     rows, shape, header = _layout(array, rows)
-    digest = hashlib.sha256(f"{array.dtype.str}{shape}".encode())
+    digest = array_hasher(array.dtype, shape)
     with open(path, "r+b" if path.exists() else "wb") as fh:
         fh.write(header)
         if isinstance(array, np.ndarray):

@@ -7,13 +7,13 @@ evaluate predicts chunk by chunk, so a data set larger than memory trains in bou
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from imgclf.errors import DataError, one_line
+from imgclf.files import array_hasher
 from imgclf.paths import MANIFEST, PREPARED_DIR, SPLITS
 
 READ_BYTES = 1 << 20  # the digest check reads the file through this buffer, never through the map
@@ -30,7 +30,7 @@ def _open_npy(path: Path, fix: str) -> np.ndarray:
 def npy_digest(path: Path, array: np.memmap) -> str:
     """files.sha256_array(array) for the .npy `array` was loaded from, streamed from the file in READ_BYTES
     reads: hashing through the map would leave the whole data set resident in this process."""
-    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest = array_hasher(array.dtype, array.shape)
     with open(path, "rb") as fh:
         fh.seek(array.offset)  # past the .npy header
         while block := fh.read(READ_BYTES):

@@ -67,8 +67,8 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[Path], np.ndarray]:
     return classes, files, labels
 
 
-# Decoded pixels per task: what a worker holds and sends back at once, so what prepare's memory grows by per
-# worker, whatever the data set's size (prepare.py's _save_rows writes each chunk as it arrives).
+# Decoded pixels per task: what a worker holds at once before writing them into the .npy, so what prepare's
+# memory grows by per worker, whatever the data set's size.
 CHUNK_BYTES = 4 << 20
 HASH_FILES = 256  # files per task when only hashing them
 
