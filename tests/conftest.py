@@ -420,3 +420,43 @@ def undo_process_changes():
     for name in set(os.environ) - set(environ):
         del os.environ[name]
     os.environ.update(environ)
+
+
+# --- order: the long tests first ---------------------------------------------------------------------------
+
+
+def start_rank(item: pytest.Item) -> int:
+    """0: marked `long` (a minute or more of a worker); 1: other end-to-end tests; 2: the rest."""
+    return 0 if item.get_closest_marker("long") else 1 if item.get_closest_marker("e2e") else 2
+
+
+GROUP_LOST = pytest.StashKey[str]()
+
+
+def check_groups_took(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker of `--dist loadgroup`, each grouped test's id must end in `@<group>`: that suffix is
+    all the scheduler goes by. pytest 9.2 dropped it without a word (pytest-dev/pytest-xdist#1386), and the
+    `team` tests then each started their own PostgreSQL and MLflow server on every worker. Such a test fails
+    at setup, naming the cause (an error raised here would crash the worker and lose the message)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        if groups and not item.nodeid.endswith("@" + "_".join(groups)):
+            item.stash[GROUP_LOST] = (f"its xdist_group {groups} did not take under pytest {pytest.__version__} "
+                                      "(pytest-dev/pytest-xdist#1386): `make setup` installs requirements.lock's")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if GROUP_LOST in item.stash:
+        pytest.fail(item.stash[GROUP_LOST], pytrace=False)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long tests start first, short ones fill the end. The suite is CPU-bound on 2 cores: a long test that
+    happened to start last in the shuffled order ran by itself while the other workers had nothing left.
+    The sort is stable and runs after pytest-randomly's shuffle, so the order within each rank stays random
+    (and reproducible from its seed); xdist sends whole `xdist_group`s before single tests anyway."""
+    check_groups_took(config, items)
+    items.sort(key=start_rank)
