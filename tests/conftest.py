@@ -425,9 +425,10 @@ def undo_process_changes():
 # --- order: the long tests first ---------------------------------------------------------------------------
 
 
-def start_rank(item: pytest.Item) -> int:
-    """0: marked `long` (a minute or more of a worker); 1: other end-to-end tests; 2: the rest."""
-    return 0 if item.get_closest_marker("long") else 1 if item.get_closest_marker("e2e") else 2
+def start_rank(item: pytest.Item) -> tuple[int, float]:
+    """Marked `long(seconds)` first, the longest first; then the other end-to-end tests; then the rest."""
+    long = item.get_closest_marker("long")
+    return (0, -long.args[0]) if long else (1, 0) if item.get_closest_marker("e2e") else (2, 0)
 
 
 GROUP_LOST = pytest.StashKey[str]()
@@ -454,8 +455,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Long tests start first, short ones fill the end. The suite is CPU-bound on 2 cores: a long test that
-    happened to start last in the shuffled order ran by itself while the other workers had nothing left.
+    """Long tests start first, the longest first, and short ones fill the end. The suite is CPU-bound on 2
+    cores: a long test that happened to start last in the shuffled order ran by itself while the other
+    workers had nothing left, and each worker holds its next 2 tests, so two long ones queued on one worker
+    behind a third cost minutes.
     The sort is stable and runs after pytest-randomly's shuffle, so the order within each rank stays random
     (and reproducible from its seed); xdist sends whole `xdist_group`s before single tests anyway."""
     check_groups_took(config, items)

@@ -55,7 +55,7 @@ def test_each_preset_builds_the_hand_computed_net(variant):
         assert built == REPORT_FINAL_SIZE
 
 
-@pytest.mark.long
+@pytest.mark.long(225)
 @pytest.mark.e2e
 def test_every_variant_runs_through_the_dvc_queue_into_the_repo_store(repo_copy):
     smoke = {"train.training_epochs": "1", "data.max_train_samples": "100"}
@@ -97,7 +97,7 @@ def pids(folder, pattern: str) -> list[int]:
     return found
 
 
-@pytest.mark.long
+@pytest.mark.long(81)
 @pytest.mark.e2e
 def test_a_killed_queue_worker_is_reported_and_replaced_instead_of_waited_on(repo_copy):
     """`dvc exp run --run-all` waits forever here (treeverse/dvc#10398); ours restarts the workers."""

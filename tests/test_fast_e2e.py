@@ -25,7 +25,7 @@ from imgclf.tta import predict_logits
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.long
+@pytest.mark.long(115)
 def test_fast_family_through_dvc_exp_run_then_reruns_and_resumes_bit_identically(repo_copy):
     # 12 epochs: the run killed below after epoch 3 still has epochs left, and this run is its uninterrupted twin.
     sets = FAST_TINY | {"train.training_epochs": "12"}
@@ -82,7 +82,7 @@ def kill_after_epoch(cmd: list[str], cwd, epoch: int) -> dict:
     return json.loads(state.read_text())
 
 
-@pytest.mark.long
+@pytest.mark.long(75)
 def test_muon_trains_evaluates_and_resumes_after_kill_to_the_same_weights(repo_copy):
     """Muon's momentum buffers, the whitening bias's own schedule (frozen after epoch 3) and the step count
     all come back from the checkpoint: a run killed after epoch 2 ends with the uninterrupted run's weights."""
@@ -102,7 +102,7 @@ def test_muon_trains_evaluates_and_resumes_after_kill_to_the_same_weights(repo_c
     assert json.loads((repo_copy / "reports/train.json").read_text())["weights_sha256"] == uninterrupted["weights_sha256"]
 
 
-@pytest.mark.long
+@pytest.mark.long(56)
 def test_the_fast_preset_runs_through_the_experiment_queue_into_the_table(repo_copy):
     tiny = {k: v for k, v in FAST_TINY.items() if k not in ("model.arch", "evaluate.tta")}
     proc = run(["imgclf", "experiments", "--variants", "fast", *set_args(tiny | {"train.training_epochs": "2"})],
@@ -116,7 +116,7 @@ def test_the_fast_preset_runs_through_the_experiment_queue_into_the_table(repo_c
     assert r.data.params["train.early_stopping.monitor"] == "none" and r.data.metrics["epochs_run"] == 2
 
 
-@pytest.mark.long
+@pytest.mark.long(50)
 def test_the_fast_family_trains_evaluates_and_predicts_at_another_image_size(repo_copy):
     """data.image_size=40: a folder of larger images is resized at prepare, the net follows the data."""
     images = make_folder(repo_copy.parent / "images", classes=("cat", "dog"), n_train=30, size=(57, 57))

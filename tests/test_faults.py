@@ -407,7 +407,7 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
 
-@pytest.mark.long
+@pytest.mark.long(44)
 @pytest.mark.e2e
 def test_a_flaky_tracking_server_is_retried_and_every_epoch_metric_is_logged_exactly_once(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient

@@ -69,7 +69,7 @@ def trained_hash(repo, mode: str, **env: str) -> tuple[str, str]:
     return json.loads((repo / "reports/train.json").read_text())["weights_sha256"], run_id
 
 
-@pytest.mark.long
+@pytest.mark.long(72)
 @pytest.mark.e2e
 def test_portable_weights_do_not_depend_on_onednns_isa_and_rerun_restarts_in_that_mode(trained, prepared_copy):
     """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN pick what it would on an AVX2-only CPU: native weights change with it

@@ -29,7 +29,7 @@ def dvc_status(repo) -> dict:
     return json.loads(run(["dvc", "status", "--json"], repo).stdout)
 
 
-@pytest.mark.long
+@pytest.mark.long(51)
 def test_kill_9_during_train_is_not_cached_as_done_and_repro_resumes(repo_copy):
     write_params(repo_copy, TINY | {"train.training_epochs": "12"})
     state = repo_copy / "models/checkpoint/state.json"

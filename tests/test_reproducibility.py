@@ -41,7 +41,7 @@ def logged_losses(client, run_id: str) -> list[tuple]:
     return [(step, *(steps[i][1] for steps in by_key)) for i, (step, _) in enumerate(by_key[0])]
 
 
-@pytest.mark.long
+@pytest.mark.long(120)
 def test_same_seed_same_weights_resume_after_kill_and_rerun(prepared_copy):
     repo_copy = prepared_copy  # as after `imgclf prepare` with SETTINGS (TINY's data)
     # The second process with the same seed is `imgclf rerun` of the first run, below: the same weights and losses.

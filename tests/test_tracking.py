@@ -24,7 +24,7 @@ from imgclf.tracking import flatten
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.long
+@pytest.mark.long(70)
 def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
     experiment = f"side-by-side-{uuid.uuid4().hex[:8]}"
     env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server)
