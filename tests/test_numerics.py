@@ -1,6 +1,7 @@
 """train.numerics (imgclf.numerics): portable mode starts TensorFlow without any kernel chosen from the CPU's
 instruction sets, so capping oneDNN's ISA no longer changes the weights; a process whose TensorFlow started
-otherwise is refused; `imgclf rerun` of a portable run restarts itself in that mode."""
+otherwise is refused; `imgclf rerun` of a portable run trains in that mode (set before TensorFlow is imported,
+or by starting the command again once it was)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,29 @@ def test_portable_turns_onednn_off_and_fixes_the_threads_native_changes_nothing(
     assert json.loads(native.stdout) == {"onednn_ops": True, "env": dict.fromkeys(NAMES)}
 
 
+RESTART = """
+import os, sys, types
+print("started", os.environ.get("TF_ENABLE_ONEDNN_OPTS"), flush=True)
+sys.modules["tensorflow"] = types.ModuleType("tensorflow")  # as if imported: its kernels are chosen
+from imgclf.numerics import restart_with_numerics
+restart_with_numerics(sys.argv[1])
+print("ready", os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
+"""
+
+
+def test_restart_starts_the_command_again_with_the_modes_environment_once_tensorflow_is_loaded(tmp_path):
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART)
+    env = {k: v for k, v in pipeline_env().items() if k not in NAMES}
+
+    def starts(mode: str) -> list[str]:
+        return subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env,
+                              timeout=60, check=True).stdout.splitlines()
+
+    assert starts("portable") == ["started None", "started 0", "ready 0"]
+    assert starts("native") == ["started None", "ready None"]  # nothing to change: no second start
+
+
 def test_portable_is_refused_once_tensorflow_started_with_other_kernels():
     late = probe("portable", before="import tensorflow")
     assert late.returncode != 0 and late.stdout == ""
@@ -71,7 +95,7 @@ def trained_hash(repo, mode: str, **env: str) -> tuple[str, str]:
 
 @pytest.mark.long(72)
 @pytest.mark.e2e
-def test_portable_weights_do_not_depend_on_onednns_isa_and_rerun_restarts_in_that_mode(trained, prepared_copy):
+def test_portable_weights_do_not_depend_on_onednns_isa_and_rerun_trains_in_that_mode(trained, prepared_copy):
     """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN pick what it would on an AVX2-only CPU: native weights change with it
     on an AVX-512 machine (the ISA is felt). Portable sets its own cap, so what the shell asks must not matter."""
     portable, run_id = trained_hash(prepared_copy, "portable")
@@ -85,6 +109,6 @@ def test_portable_weights_do_not_depend_on_onednns_isa_and_rerun_restarts_in_tha
     tags = MlflowClient(f"sqlite:///{prepared_copy / 'mlflow.db'}").get_run(run_id).data.tags
     assert (tags["numerics"], tags["tf_enable_onednn_opts"], tags["onednn_max_cpu_isa"],
             tags["tf_num_intraop_threads"]) == ("portable", "0", "AVX2", "2")
-    # the shell has no portable variables: rerun learns the mode from the run and starts again with it
+    # the shell has no portable variables: rerun learns the mode from the run before TensorFlow starts
     rerun = run(["imgclf", "rerun", run_id], prepared_copy)
     assert "MATCH: weights sha256 " + portable in rerun.stdout

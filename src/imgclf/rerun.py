@@ -112,19 +112,21 @@ def compare(client, original, new_run_id: str) -> tuple[bool, list[str]]:
 def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = False) -> int:
     """Retrain RUN_ID's params on the same data as a new run tagged rerun_of; 0 on MATCH, 1 on DIFF.
 
-    The run's train.numerics is known only once MLflow is read, after TensorFlow is loaded: with `restart`
-    (the CLI) the command starts again in a process with that mode's environment."""
+    The run's train.numerics is known only once MLflow is read. TensorFlow is imported after that, so its
+    environment is set in time and a bad id or other data fails in seconds; should TensorFlow be loaded
+    already (a caller imported it), `restart` (the CLI) starts the command again with that environment."""
     from mlflow.tracking import MlflowClient
 
     from imgclf.numerics import restart_with_numerics, use_numerics
     from imgclf.tracking import configure
-    from imgclf.train import train
 
     configure()
     client = MlflowClient()
     original, params = fetch_run(client, run_id)
     (restart_with_numerics if restart else use_numerics)(params["train"]["numerics"])
     check_same_data(original, prepared_dir)
+    from imgclf.train import train  # TensorFlow, in the run's numerics mode
+
     with tempfile.TemporaryDirectory(prefix="imgclf-rerun-") as tmp:
         summary = train(params, prepared_dir, Path(tmp) / "model.keras", Path(tmp), Path(tmp) / "checkpoint",
                         tags={"rerun_of": run_id})
