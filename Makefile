@@ -46,7 +46,8 @@ run: $(STAMP)
 PYTEST := $(BIN)/python -m pytest
 # xdist_group marks keep a module's shared server or training on one worker. Three workers per two cores:
 # the end-to-end tests spend much of their time waiting on subprocesses and servers, so one worker per core
-# leaves the cores idle a third of the time (12 min wall for 15 CPU-minutes on 2 cores).
+# leaves the cores idle a third of the time (12 min wall for 15 CPU-minutes on 2 cores); with three, and the
+# `long(seconds)` tests first (tests/conftest.py), the cores are busy from the first minute to the last.
 PARALLEL := -n $(shell echo $$(( ($$(nproc) * 3 + 1) / 2 ))) --dist loadgroup --durations=15
 
 # Tests marked `alone` load every core by design: they run after the rest, by themselves. The grep spares
