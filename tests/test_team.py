@@ -61,6 +61,13 @@ class TeamServer:
     def text(self, offset: int = 0) -> str:
         return self.output.read_text()[offset:]
 
+    def log_tail(self, lines: int = 80) -> str:
+        """The end of the MLflow server's own log (requests and their status, tracebacks of the ones that failed)."""
+        try:
+            return "\n".join((self.root / "data/mlflow.log").read_text().splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no MLflow server log: {exc})"
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Signal `imgclf-team serve` (only it: it stops its children itself) and return its exit code."""
         self.proc.send_signal(sig)
@@ -211,8 +218,8 @@ def start_together(uri: str, experiment: str, params: dict, model, barrier, resu
                                                                                             "CPU"):
             pass
         results.put("ok")
-    except BaseException as exc:  # reported to the test, which shows it
-        results.put(f"{type(exc).__name__}: {exc}")
+    except BaseException as exc:  # reported to the test, which shows it with what MLflow raised underneath
+        results.put(f"{type(exc).__name__}: {exc} (from {exc.__context__!r})")
 
 
 def test_writers_starting_together_share_a_new_experiment_and_dataset_without_errors(team, repo):
@@ -232,7 +239,7 @@ def test_writers_starting_together_share_a_new_experiment_and_dataset_without_er
         outcomes = [results.get(timeout=120) for _ in writers]
         for writer in writers:
             writer.join(timeout=30)
-        assert outcomes == ["ok"] * 4, outcomes
+        assert outcomes == ["ok"] * 4, f"{outcomes}\n--- the MLflow server's log:\n{team.log_tail()}"
         runs = finished_runs(team.uri, experiment)
         assert len(runs) == 4 and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
         assert len({r.inputs.dataset_inputs[0].dataset.digest for r in runs}) == 1

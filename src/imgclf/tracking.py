@@ -217,9 +217,14 @@ def store_failure(exc: BaseException, then: str) -> TrackingError:
     uri = mlflow.get_tracking_uri()
     text = " ".join(str(exc).split()).split(" [SQL:")[0]
     if unreachable(exc):
+        retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+        # A server that answers every try with a 5xx is up but failing: its own log says why, not the network.
+        status = re.search(r"too many (\d{3}) error responses", text)
+        if status:
+            return TrackingError(f"MLflow tracking server {uri} answered HTTP {status.group(1)} to every try (gave up "
+                                 f"after {retries} retries); its log says why: fix the server, then {then}")
         errno = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", text)
         why = "timed out" if "timeout" in text.lower() else errno.group(1).strip().lower() if errno else "no answer"
-        retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
         return TrackingError(f"MLflow tracking server {uri} stopped answering ({why}, gave up after {retries} "
                              f"retries); restart it or fix MLFLOW_TRACKING_URI, then {then}")
     return TrackingError(f"MLflow tracking store {uri} failed ({text[:200]}); fix it or unset "
