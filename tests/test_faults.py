@@ -346,49 +346,6 @@ def test_a_hung_tracking_server_ends_within_the_documented_bound_in_one_line():
     assert 4 < seconds < 8  # docs/reliability.md: 5 s
 
 
-class FailingHandler(http.server.BaseHTTPRequestHandler):
-    """A tracking server that is up but fails: HTTP 500 to every request, as MLflow's server answers an error
-    its store raised."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def answer(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.requests += 1
-        body = b'{"error_code": "INTERNAL_ERROR", "message": "the store failed"}'
-        self.send_response(500)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = answer
-
-
-def test_a_server_answering_every_try_with_500_is_named_failing_not_gone(monkeypatch):
-    import mlflow
-
-    from imgclf import tracking
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailingHandler)
-    server.requests, uri = 0, f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the user's settings win over imgclf's defaults
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
-    mlflow.set_tracking_uri(uri)
-    try:
-        with pytest.raises(tracking.TrackingError) as failed, tracking.store_errors("rerun"):
-            mlflow.search_experiments()
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert server.requests == 2  # the try and its one retry
-    assert str(failed.value) == (f"MLflow tracking server {uri} answered HTTP 500 to every try (gave up after 1 "
-                                 "retries); its log says why: fix the server, then rerun")
-
-
 class FlakyProxy(http.server.ThreadingHTTPServer):
     """Forwards to a real MLflow server, but answers the first `fail_first` requests 503 and resets the
     connection of the first request logging a per-epoch metric after the server has stored it; with `hang`,
@@ -448,6 +405,27 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+
+def test_a_server_answering_every_try_with_5xx_is_named_failing_not_gone(monkeypatch):
+    import mlflow
+
+    from imgclf import tracking
+
+    proxy = FlakyProxy("127.0.0.1:9", fail_first=10**9)  # up, but answers 503 to every request: no upstream used
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the user's settings win over imgclf's defaults
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    mlflow.set_tracking_uri(proxy.uri)
+    try:
+        with pytest.raises(tracking.TrackingError) as failed, tracking.store_errors("rerun"):
+            mlflow.search_experiments()
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proxy.failed == 2  # the try and its one retry
+    assert str(failed.value) == (f"MLflow tracking server {proxy.uri} answered HTTP 503 to every try (gave up "
+                                 "after 1 retries); its log says why: fix the server, then rerun")
 
 
 @pytest.mark.long(44)
