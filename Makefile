@@ -7,7 +7,12 @@
 # make system-deps : PostgreSQL 15 and sshd from Debian's packages when missing (root; team mode's tests)
 # make setup GPU=1 : the same with TensorFlow's CUDA build (tensorflow[and-cuda], the lock's version) instead
 #                    of tensorflow-cpu; later make run/test keep it; make setup GPU=0 goes back to the CPU build
-PYTHON ?= python3.11
+# The Python .venv is made from: Debian's python3.11 where there is one, else the first python3.11 on PATH.
+# Debian's links libpython statically; pyenv's default build (first on PATH on our machines) loads it as a
+# shared library, and every command starts slower on it: most of an imgclf, dvc or pytest process is
+# importing Python code (benchmarks/interpreter.py: 0.88x the CPU on Debian's, median of 9). An existing
+# .venv keeps its Python (make clean-venv, then make setup, to change it); PYTHON=... picks another.
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
