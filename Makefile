@@ -10,7 +10,7 @@
 # The Python .venv is made from: Debian's python3.11 where there is one, else the first python3.11 on PATH.
 # Debian's links libpython statically; pyenv's default build (first on PATH on our machines) loads it as a
 # shared library, and every command starts slower on it: most of an imgclf, dvc or pytest process is
-# importing Python code (benchmarks/interpreter.py: 0.88x the CPU on Debian's, median of 9). An existing
+# importing Python code (benchmarks/interpreter.py: 0.88-0.91x the CPU on Debian's). An existing
 # .venv keeps its Python (make clean-venv, then make setup, to change it); PYTHON=... picks another.
 PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
 VENV   := .venv

@@ -16,8 +16,8 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import sysconfig
+import tempfile
 
 from common import REPO, cpu_header, verdict
 
@@ -44,10 +44,12 @@ def start_cpu(python: str) -> float:
     # -S and addsitedir: this .venv's packages only, not the interpreter's own site-packages
     code = f"import site; site.addsitedir({site_packages!r}); {IMPORTS}"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src"), "PYTHONNOUSERSITE": "1"}
-    proc = subprocess.Popen([python, "-S", "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{python} could not import imgclf from {site_packages}: {proc.stderr.read()[-2000:]}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads a pipe while wait4 waits
+        proc = subprocess.Popen([python, "-S", "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"{python} could not import imgclf from {site_packages}: {err.read()[-2000:]!r}")
     return usage.ru_utime + usage.ru_stime
 
 
@@ -57,6 +59,9 @@ def main() -> None:
     parser.add_argument("--python", nargs="+", help="interpreters to compare, the first one the baseline")
     args = parser.parse_args()
     pythons = args.python or candidates()
+    for python in pythons:
+        if not shutil.which(python):
+            raise SystemExit(f"--python {python}: no such executable; give the path of a python3.11")
     if len(pythons) < 2:
         raise SystemExit(f"only one Python 3.11 here ({pythons}): nothing to compare")
     print(cpu_header())
@@ -74,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
