@@ -127,5 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def console() -> int:
+    """The `imgclf` console script (pyproject.toml): main(), then a quick exit."""
+    from imgclf.errors import leave
+
+    return leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

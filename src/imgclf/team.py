@@ -30,7 +30,7 @@ from typing import IO
 
 import requests
 
-from imgclf.errors import ImgclfError, exit_code, install_handlers
+from imgclf.errors import ImgclfError, exit_code, install_handlers, leave
 
 # move-in imports TensorFlow (through imgclf.tracking), whose C++ start-up chatter hides our one-line errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -403,5 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code(f"imgclf-team {args.command}", lambda: args.func(args) or 0)
 
 
+def console() -> int:
+    """The `imgclf-team` console script (pyproject.toml): main(), then a quick exit."""
+    return leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
