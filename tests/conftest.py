@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import itertools
 import json
 import os
@@ -401,8 +402,10 @@ def undo_process_changes():
       tracking.configure sets the HTTP retry defaults, so a store would leak into every later test;
     - MLflow's in-process tracking URI;
     - SIGINT/SIGTERM handlers, which cli.main installs, and the signals imgclf.errors recorded;
-    - TensorFlow's op determinism and TF32 switches (seed_everything), which have no scoped form."""
+    - TensorFlow's op determinism and TF32 switches (seed_everything), which have no scoped form;
+    - objects frozen out of the garbage collector (lifecycle.imports_first, which the commands call)."""
     environ = dict(os.environ)
+    frozen = gc.get_freeze_count()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     module = mlflow_uri_module()
     uri = module._tracking_uri if module else None
@@ -417,6 +420,8 @@ def undo_process_changes():
         errors._deferring[0] = False
     if module := mlflow_uri_module():
         module._tracking_uri = uri
+    if gc.get_freeze_count() and not frozen:
+        gc.unfreeze()
     for name in set(os.environ) - set(environ):
         del os.environ[name]
     os.environ.update(environ)

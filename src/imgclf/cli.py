@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -23,24 +22,32 @@ def cmd_validate(args) -> None:
     print(f"{args.params}: OK")
 
 
+# What a stage imports sooner or later besides its module: Keras (with TensorFlow) and MLflow (with tracking).
+# All at once, with the garbage collector off (lifecycle.imports_first); prepare needs neither.
+STAGE_IMPORTS = {"prepare": (), "train": ("keras", "imgclf.tracking"), "evaluate": ("keras", "imgclf.tracking")}
+
+
 def stage_command(module: str):
     """The command of a DVC stage: validate the whole params file first (a bad value fails in a
     fraction of a second, before TensorFlow is imported), then run `imgclf.<module>.main(params)`."""
 
     def command(args) -> None:
+        from imgclf.lifecycle import imports_first
         from imgclf.numerics import use_numerics
         from imgclf.workspace import writer
 
         params = _params(args)
         use_numerics(params["train"]["numerics"])  # before the stage imports TensorFlow
         with writer(module):  # one writer per workspace, and its output folders writable, before any work
-            importlib.import_module(f"imgclf.{module}").main(params)
+            imports_first(f"imgclf.{module}", *STAGE_IMPORTS[module]).main(params)
 
     return command
 
 
 def cmd_predict(args) -> None:
-    from imgclf import predict
+    from imgclf.lifecycle import imports_first
+
+    predict = imports_first("imgclf.predict", "keras")
 
     # outside a project there is no params.yaml to take evaluate.tta from: no TTA then
     tta = args.tta or (_params(args)["evaluate"]["tta"] if os.path.isfile(args.params) else "none")
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console() -> int:
     """The `imgclf` console script (pyproject.toml): main(), then a quick exit."""
-    from imgclf.errors import leave
+    from imgclf.lifecycle import leave
 
     return leave(main())
 

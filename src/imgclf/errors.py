@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import signal
 import sys
 from typing import Callable, Iterator
@@ -64,20 +63,6 @@ def exit_code(prog: str, command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-
-
-def leave(code: int) -> int:
-    """A console script's exit code, returned after freezing every object so far out of the garbage collector.
-
-    Python's own exit runs full garbage collections over every object the imports made (~600,000 once
-    TensorFlow, Keras and MLflow are in), and those took 1.8-2.3 CPU seconds at the end of each `imgclf train`
-    or `evaluate` here, a fifth of a small command (benchmarks/exit.py). Frozen objects are still freed by
-    reference counting and the atexit handlers (MLflow's, logging's) still run; only cyclic garbage is left
-    to the OS, which takes back the whole process anyway. Console scripts only: in a long-lived process
-    (a test calling main()) the frozen cycles would never be collected.
-    """
-    gc.freeze()
-    return code
 
 
 _signals: list[int] = []   # every SIGINT/SIGTERM received by this process, in order

@@ -10,6 +10,7 @@ import yaml
 
 from imgclf.config import parse_yaml, validate
 from imgclf.errors import ImgclfError
+from imgclf.lifecycle import imports_first
 from imgclf.machine import ONEDNN_SWITCHES
 from imgclf.paths import PARAMS_FILE, PREPARED_DIR
 from imgclf.prepared import load_prepared
@@ -125,7 +126,7 @@ def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = F
     original, params = fetch_run(client, run_id)
     (restart_with_numerics if restart else use_numerics)(params["train"]["numerics"])
     check_same_data(original, prepared_dir)
-    from imgclf.train import train  # TensorFlow, in the run's numerics mode
+    train = imports_first("imgclf.train").train  # TensorFlow, in the run's numerics mode
 
     with tempfile.TemporaryDirectory(prefix="imgclf-rerun-") as tmp:
         summary = train(params, prepared_dir, Path(tmp) / "model.keras", Path(tmp), Path(tmp) / "checkpoint",

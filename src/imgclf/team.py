@@ -30,7 +30,8 @@ from typing import IO
 
 import requests
 
-from imgclf.errors import ImgclfError, exit_code, install_handlers, leave
+from imgclf.errors import ImgclfError, exit_code, install_handlers
+from imgclf.lifecycle import leave
 
 # move-in imports TensorFlow (through imgclf.tracking), whose C++ start-up chatter hides our one-line errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
