@@ -48,3 +48,8 @@ def test_a_failed_import_still_turns_the_collector_back_on(on_path):
     with pytest.raises(ZeroDivisionError):
         imports_first(on_path("lifecycle_ok", MODULE), on_path("lifecycle_bad", "1 / 0"))
     assert gc.isenabled()
+
+
+def test_modules_imported_already_freeze_nothing():
+    assert imports_first("json", "gc").__name__ == "json"
+    assert gc.get_freeze_count() == 0 and gc.isenabled()

@@ -22,9 +22,10 @@ def cmd_validate(args) -> None:
     print(f"{args.params}: OK")
 
 
-# What a stage imports sooner or later besides its module: Keras (with TensorFlow) and MLflow (with tracking).
-# All at once, with the garbage collector off (lifecycle.imports_first); prepare needs neither.
-STAGE_IMPORTS = {"prepare": (), "train": ("keras", "imgclf.tracking"), "evaluate": ("keras", "imgclf.tracking")}
+# Imported with the stage's module, in one garbage-collector-off window (lifecycle.imports_first): what the stage
+# imports first thing anyway. train's module brings Keras and MLflow itself; evaluate imports Keras through
+# modelfile.load, after its cheap checks.
+STAGE_IMPORTS = {"prepare": (), "train": (), "evaluate": ("imgclf.tracking",)}
 
 
 def stage_command(module: str):
@@ -45,9 +46,7 @@ def stage_command(module: str):
 
 
 def cmd_predict(args) -> None:
-    from imgclf.lifecycle import imports_first
-
-    predict = imports_first("imgclf.predict", "keras")
+    from imgclf import predict
 
     # outside a project there is no params.yaml to take evaluate.tta from: no TTA then
     tta = args.tta or (_params(args)["evaluate"]["tta"] if os.path.isfile(args.params) else "none")

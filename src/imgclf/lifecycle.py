@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import gc
 import importlib
+import sys
 from types import ModuleType
 
 
 def imports_first(*modules: str) -> ModuleType:
     """Import `modules` with the garbage collector off, then freeze what exists into its permanent generation,
-    which later collections skip: the first module.
+    which later collections skip: the first module. Called where a command first imports Keras or MLflow.
 
     Frozen objects are still freed by reference counting when nothing holds them; only a cycle among them
-    would never be collected, and imports leave few. Call it before the command's real work, whose own
-    garbage the collector then handles as usual.
+    would never be collected, and imports leave few. The command's own garbage after this is collected as
+    usual. When every module is imported already, nothing is frozen.
     """
+    if all(name in sys.modules for name in modules):  # nothing to import: no freeze of whatever exists now
+        return sys.modules[modules[0]]
     gc.disable()
     try:
         loaded = [importlib.import_module(name) for name in modules]

@@ -20,6 +20,7 @@ import numpy as np
 
 from imgclf.errors import ImgclfError, one_line
 from imgclf.files import atomic_write
+from imgclf.lifecycle import imports_first
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: the same for every member and every run
 
@@ -63,7 +64,7 @@ def _reason(exc: BaseException) -> str:
 
 def load(path: str | Path):
     """Load a saved model for inference only; safe_mode refuses pickled Python lambdas in the file."""
-    import keras
+    keras = imports_first("keras")  # evaluate's and predict's first import of it
 
     rerun = "rerun the train stage (`dvc repro`) to write it again, or pass a model saved by imgclf"
     try:
