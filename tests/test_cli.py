@@ -32,8 +32,9 @@ def test_each_stage_command_runs_the_module_of_its_name(stage, monkeypatch):
     assert params["seed"] == 3 and params["train"]["tf32"] is True  # both places' overrides, validated
 
 
-# Runs an installed console script as its own process would, and reports at exit (the last atexit handler
-# registered runs first) whether the garbage collector's objects were frozen, i.e. errors.leave ran.
+# Runs an installed console script as its own process would, and reports at exit whether the garbage
+# collector's objects were frozen, i.e. lifecycle.leave ran (validate and move-in import nothing through
+# imports_first, so only leave freezes here).
 AT_EXIT = ("import atexit, gc, runpy, sys; atexit.register(lambda: print('frozen:', gc.get_freeze_count() > 0)); "
            "script = sys.argv.pop(1); sys.argv[0] = script; runpy.run_path(script, run_name='__main__')")
 
