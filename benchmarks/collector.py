@@ -14,15 +14,13 @@ Usage: python benchmarks/collector.py [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, child_env, cpu_header, verdict
+from common import REPO, child_env, child_usage, cpu_header, verdict
 
 TARGET = 0.9  # worth the freezing only if a small command gets at least 10 % cheaper
 TINY = ["train.training_epochs=2", "data.max_train_samples=200", "model.conv_blocks=[[8], [16]]",
@@ -39,12 +37,7 @@ def command_cpu(entry: str, command: str, project: Path) -> tuple[float, float]:
     """User+system CPU seconds and peak RSS (MiB) of one fresh process running `imgclf -S ... COMMAND`
     through `entry`."""
     args = [sys.executable, "-c", entry, *(a for kv in TINY for a in ("-S", kv)), command]
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads a pipe while wait4 waits
-        proc = subprocess.Popen(args, cwd=project, env=child_env(), stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise SystemExit(f"imgclf {command} failed in {project}: {err.read()[-2000:]!r}")
+    usage = child_usage(args, child_env(), f"imgclf {command} failed in {project}", cwd=project)
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
@@ -53,7 +46,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(cpu_header())
-    project = Path(tempfile.mkdtemp(prefix="imgclf-exit-"))
+    project = Path(tempfile.mkdtemp(prefix="imgclf-collector-"))
     try:
         shutil.copy(REPO / "params.yaml", project)
         times = {(entry, command): [] for entry in ENTRIES for command in COMMANDS}

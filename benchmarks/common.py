@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,18 @@ def measure_child(script: str, args: list[str]) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{script} --child {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_usage(cmd: list[str], env: dict[str, str], failure: str, cwd: Path | None = None) -> resource.struct_rusage:
+    """Run `cmd` to its end and return its resource usage (CPU, peak RSS); exit with `failure` and the tail
+    of its stderr when it fails."""
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads a pipe while wait4 waits
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"{failure}: {err.read()[-2000:]!r}")
+    return usage
 
 
 def verdict(ratio: float, target: float, higher_is_better: bool = True) -> str:

@@ -17,9 +17,8 @@ import shutil
 import statistics
 import subprocess
 import sysconfig
-import tempfile
 
-from common import REPO, child_env, cpu_header, verdict
+from common import REPO, child_env, child_usage, cpu_header, verdict
 
 TARGET = 0.95  # the chosen interpreter must start commands at least 5 % cheaper to be worth a second Python
 IMPORTS = "import imgclf.train, imgclf.evaluate, imgclf.tracking"
@@ -43,13 +42,8 @@ def start_cpu(python: str) -> float:
     site_packages = sysconfig.get_paths()["purelib"]
     # -S and addsitedir: this .venv's packages only, not the interpreter's own site-packages
     code = f"import site; site.addsitedir({site_packages!r}); {IMPORTS}"
-    env = {**child_env(), "PYTHONNOUSERSITE": "1"}
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads a pipe while wait4 waits
-        proc = subprocess.Popen([python, "-S", "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise SystemExit(f"{python} could not import imgclf from {site_packages}: {err.read()[-2000:]!r}")
+    usage = child_usage([python, "-S", "-c", code], {**child_env(), "PYTHONNOUSERSITE": "1"},
+                        f"{python} could not import imgclf from {site_packages}")
     return usage.ru_utime + usage.ru_stime
 
 
