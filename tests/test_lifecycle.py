@@ -53,3 +53,12 @@ def test_a_failed_import_still_turns_the_collector_back_on(on_path):
 def test_modules_imported_already_freeze_nothing():
     assert imports_first("json", "gc").__name__ == "json"
     assert gc.get_freeze_count() == 0 and gc.isenabled()
+
+
+def test_a_collector_the_caller_turned_off_stays_off(on_path):
+    gc.disable()
+    try:
+        imports_first(on_path("lifecycle_c", MODULE))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

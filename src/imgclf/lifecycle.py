@@ -16,7 +16,8 @@ from types import ModuleType
 
 def imports_first(*modules: str) -> ModuleType:
     """Import `modules` with the garbage collector off, then freeze what exists into its permanent generation,
-    which later collections skip: the first module. Called where a command first imports Keras or MLflow.
+    which later collections skip, and put the collector back as it was: the first module. Called where a
+    command first imports Keras or MLflow.
 
     Frozen objects are still freed by reference counting when nothing holds them; only a cycle among them
     would never be collected, and imports leave few. The command's own garbage after this is collected as
@@ -24,12 +25,14 @@ def imports_first(*modules: str) -> ModuleType:
     """
     if all(name in sys.modules for name in modules):  # nothing to import: no freeze of whatever exists now
         return sys.modules[modules[0]]
+    was_on = gc.isenabled()
     gc.disable()
     try:
         loaded = [importlib.import_module(name) for name in modules]
     finally:
         gc.freeze()
-        gc.enable()
+        if was_on:  # a caller who had turned it off keeps it off
+            gc.enable()
     return loaded[0]
 
 
