@@ -53,7 +53,8 @@ def child(config: str, images: int, epochs: int) -> dict:
     from imgclf.families import REGISTRY
     from imgclf.numerics import seed_everything
     from imgclf.prepared import load_prepared
-    from imgclf.train import build_compiled, weights_sha256
+    from imgclf.modelfile import weights_sha256
+    from imgclf.train import build_compiled
 
     params = load_params(config, {"train.training_epochs": epochs})
     cfg = params["train"]

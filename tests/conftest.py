@@ -10,6 +10,7 @@ import gc
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -77,6 +78,20 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True,
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                     f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+# dvc.yaml's always_changed stage: it reads the data source on every `dvc repro`, so `dvc status` always lists it.
+ALWAYS_RUN = {"fingerprint": ["always changed"]}
+
+
+def dvc_status(repo: Path, env: dict | None = None) -> dict:
+    """`dvc status` as a dict: stage -> what changed (ALWAYS_RUN when everything is up to date)."""
+    return json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
+
+
+def stages_run(stdout: str) -> list[str]:
+    """The stages a `dvc repro`/`dvc exp run` output says it ran, in order."""
+    return re.findall(r"Running stage '([^']+)'", stdout)
 
 
 def error_line(stderr: str, command: str) -> str:

@@ -152,3 +152,30 @@ class EvalEvil(Evil):
 
     def __reduce__(self):
         return (eval, (self.command,))
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def damage_weights(path) -> None:
+    """Change a few bytes of one weight array inside a saved .keras, leaving a file that still loads: the zip is
+    rewritten with correct CRCs and the HDF5 structure is untouched, as a bit flip on disk or a bad copy would."""
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i.filename) for i in z.infolist()}
+    weights = path.with_name("weights.h5")
+    weights.write_bytes(members["model.weights.h5"])
+    with h5py.File(weights, "r+") as h5:
+        arrays = []
+        h5.visititems(lambda name, obj: arrays.append(obj) if isinstance(obj, h5py.Dataset) and obj.size else None)
+        flat = arrays[0][()].reshape(-1)
+        flat[:2] += 1.0
+        arrays[0][...] = flat.reshape(arrays[0].shape)
+    members["model.weights.h5"] = weights.read_bytes()
+    weights.unlink()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)

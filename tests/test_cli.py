@@ -14,12 +14,12 @@ from conftest import BIN, REPO
 from imgclf import cli
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["fingerprint", "prepare", "train", "evaluate"])
 def test_each_stage_command_runs_the_module_of_its_name(stage, monkeypatch):
     """The command really runs: each stage module's main is swapped for a recorder (the stages themselves run
     end to end in test_pipeline_e2e), so the test sees which one was called, with which params."""
     called = []
-    for name in ("prepare", "train", "evaluate"):
+    for name in ("fingerprint", "prepare", "train", "evaluate"):
         module = importlib.import_module(f"imgclf.{name}")
         assert callable(module.main)
         monkeypatch.setattr(module, "main", lambda params, name=name: called.append((name, params)))

@@ -39,8 +39,9 @@ def test_the_closure_follows_imports_at_any_depth_and_whole_plug_in_folders():
 
 
 def test_no_stage_imports_another_stage_or_the_front_door():
-    for stage in ("prepare", "train", "evaluate"):
-        others = {f"src/imgclf/{s}.py" for s in ("prepare", "train", "evaluate", "cli", "config") if s != stage}
+    for stage in ("fingerprint", "prepare", "train", "evaluate"):
+        others = {f"src/imgclf/{s}.py" for s in ("fingerprint", "prepare", "train", "evaluate", "cli", "config")
+                  if s != stage}
         assert not imports.closure_files(f"imgclf.{stage}") & others, stage
 
 

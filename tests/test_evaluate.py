@@ -14,7 +14,7 @@ from conftest import REPO, store_in
 from fakes import make_params
 from imgclf import evaluate, modelfile
 from imgclf.prepare import prepare
-from imgclf.train import weights_sha256
+from imgclf.modelfile import weights_sha256
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, finished_runs, kill_processes_in, pipeline_env, run, set_args, wait_until
-from conftest import store_in, write_params
+from conftest import REPO, TINY, error_line, finished_runs, kill_processes_in, pipeline_env, run, set_args
+from conftest import store_in, wait_until, write_params
 from imgclf.config import apply_overrides, validate
 from imgclf.experiments import PRESETS, REPORT_VARIANTS, latest_runs, markdown, summarize
 from imgclf.families.report import build_model
@@ -173,3 +173,16 @@ def test_unknown_variant_is_refused(tmp_path):
     proc = run(["imgclf", "--params", str(REPO / "params.yaml"), "experiments", "--variants", "deep"], tmp_path,
                check=False)
     assert proc.returncode == 2 and "unknown variant(s) deep; choose from report_final" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_an_untracked_source_file_is_refused_before_anything_is_queued(repo_copy):
+    """DVC's queue copies tracked and staged changes into an experiment, never untracked files."""
+    (repo_copy / "src/imgclf/families/mine.py").write_text("")
+    proc = run(["imgclf", "experiments", "--variants", "fast"], repo_copy, check=False)
+    assert proc.returncode == 2
+    assert error_line(proc.stderr, "experiments") == (
+        "imgclf experiments: error: src/imgclf/families/mine.py: not tracked by git, so DVC's queue would run the "
+        "experiments without them; `git add` them (staged files go with a queued experiment) or commit them, "
+        "then rerun")
+    assert "No experiment tasks in the queue." in run(["dvc", "queue", "status"], repo_copy).stdout

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 
+from fakes import damage_weights
 from imgclf.errors import ImgclfError
 from imgclf.modelfile import ZIP_EPOCH, check_round_trip, load, save
 
@@ -109,3 +110,20 @@ def test_build_compiled_runs_the_round_trip_check_right_after_build(monkeypatch)
     params = {"model": {"arch": "mine"}, "train": {"mixed_precision": "none", "batch_size": 4}}
     with pytest.raises(ImgclfError, match="model 'mine': layer 'twice' \\(Doubler\\)"):
         train.build_compiled(params, 3, make_strategy("none"), np.zeros((8, 4), np.float32))
+
+
+def test_a_model_whose_weights_changed_on_disk_is_refused_in_one_line(tmp_path):
+    from imgclf.modelfile import weights_sha256
+
+    model = tiny_model()
+    save(model, tmp_path / "m.keras")
+    expected = weights_sha256(model)
+    assert weights_sha256(load(tmp_path / "m.keras", expected)) == expected
+    damage_weights(tmp_path / "m.keras")
+    assert weights_sha256(load(tmp_path / "m.keras")) != expected  # it still loads: only the hash tells
+    with pytest.raises(ImgclfError) as err:
+        load(tmp_path / "m.keras", expected, "reports/train.json")
+    assert str(err.value) == (
+        f"{tmp_path / 'm.keras'}: its weights (sha256 {weights_sha256(load(tmp_path / 'm.keras'))[:12]}) are not the "
+        f"ones training recorded in reports/train.json ({expected[:12]}): the file is damaged or from another run; "
+        "rerun the train stage (`dvc repro`) to write it again, or pass a model saved by imgclf")

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from conftest import TINY, pipeline_env, reaped, run, set_args
+from conftest import ALWAYS_RUN, TINY, dvc_status, error_line, pipeline_env, reaped, run, set_args, stages_run
+from fakes import damage_weights, save_image
 
 pytestmark = pytest.mark.e2e
 
@@ -44,8 +45,8 @@ def test_exp_run_writes_every_output_then_repro_is_a_noop(trained, trained_copy)
     assert "mlflow.db" not in status and "mlruns" not in status and ".venv" not in status
 
     again = run(["dvc", "repro"], repo)
-    assert "Running stage" not in again.stdout, again.stdout
-    assert run(["dvc", "status", "--json"], repo).stdout.strip() == "{}"
+    assert stages_run(again.stdout) == list(ALWAYS_RUN), again.stdout
+    assert dvc_status(repo) == ALWAYS_RUN
 
 
 def test_metrics_json_is_what_the_dev_predictions_score(trained):
@@ -154,3 +155,15 @@ def test_a_collapse_is_warned_tagged_reported_and_still_evaluated(trained_copy):
     table = run(["imgclf", "experiments", "--table"], repo_copy).stdout
     row = next(line for line in table.splitlines() if line.startswith("| report_final |"))
     assert "| 1/1 (51) |" in row and "| — |" in row  # marked, and no mean left without it
+
+
+def test_a_model_file_with_changed_weights_is_refused_by_evaluate_and_predict(trained_copy):
+    """It still loads (the zip's CRCs are right, h5py reads what it finds): the hash train recorded tells."""
+    damage_weights(trained_copy / "models/model.keras")
+    image = save_image(trained_copy / "x.png")
+    for command in (["evaluate"], ["predict", str(image)]):
+        proc = run(["imgclf", *command], trained_copy, check=False)
+        assert proc.returncode == 2 and proc.stdout == ""
+        line = error_line(proc.stderr, command[0])
+        assert line.startswith(f"imgclf {command[0]}: error: models/model.keras: its weights (sha256 ")
+        assert "are not the ones training recorded in reports/train.json" in line and "rerun the train stage" in line

@@ -18,15 +18,11 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_TIMEOUT,
 )
 
-from conftest import TINY, UNTIL_INTERRUPTED, MlflowServer, error_line, finished_runs, pipeline_env, run, set_args
+from conftest import ALWAYS_RUN, TINY, UNTIL_INTERRUPTED, MlflowServer, dvc_status, error_line, finished_runs, pipeline_env
+from conftest import run, set_args
 from conftest import wait_for_metric, wait_until, write_params
 
 pytestmark = pytest.mark.e2e
-
-
-def dvc_status(repo) -> dict:
-    """`dvc status` as a dict: stage -> what changed ({} when everything is up to date)."""
-    return json.loads(run(["dvc", "status", "--json"], repo).stdout)
 
 
 @pytest.mark.long(51)
@@ -45,13 +41,13 @@ def test_kill_9_during_train_is_not_cached_as_done_and_repro_resumes(repo_copy):
     assert 1 <= killed_at < 12
 
     status = dvc_status(repo_copy)
-    assert set(status) == {"train", "evaluate"}  # prepare had finished and stays done
+    assert set(status) == {*ALWAYS_RUN, "train", "evaluate"}  # prepare had finished and stays done
     assert "train" not in yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]
     assert not (repo_copy / "models/model.keras").exists()
 
     again = run(["dvc", "repro"], repo_copy)
     assert f"Resuming after epoch {killed_at}" in again.stdout
-    assert dvc_status(repo_copy) == {}
+    assert dvc_status(repo_copy) == ALWAYS_RUN
     runs = finished_runs(f"sqlite:///{repo_copy / 'mlflow.db'}", "imgclf")
     assert [r.info.status for r in runs] == ["FINISHED"]  # the killed run, resumed and finished: no stray run
 

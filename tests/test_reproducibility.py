@@ -96,9 +96,10 @@ def test_same_seed_same_weights_resume_after_kill_and_rerun(prepared_copy):
     new_id = re.search(r"DIFF: weights sha256 \w+ \(run (\w+)\)", proc.stdout).group(1)
     assert client.get_run(new_id).data.tags["reproduced"] == "false"
 
-    # Different prepared data: refused before any training.
+    # Different prepared data and this tree's code: refused before any training (at the run's commit, the run's
+    # data comes back from the DVC cache instead: test_rerun_at_commit.py).
     run(["imgclf", *set_args(SETTINGS | {"seed": "7"}), "prepare"], repo_copy)
-    proc = run(["imgclf", "rerun", first["mlflow_run_id"]], repo_copy, check=False)
+    proc = run(["imgclf", "rerun", "--current-code", first["mlflow_run_id"]], repo_copy, check=False)
     assert proc.returncode == 2 and "is not the data run" in proc.stderr and "Epoch" not in proc.stdout
 
 

@@ -109,7 +109,7 @@ def test_unreachable_server_fails_before_training(prepared_copy):
 
 
 def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monkeypatch):
-    from imgclf import tracking, train
+    from imgclf import modelfile, tracking, train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.chdir(tmp_path)
@@ -134,7 +134,7 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
                            callbacks=[Crafted(), early, handle.epoch_callback()])
         history = [{"epoch": i + 1, **{k: v[i] for k, v in result.history.items()}} for i in range(8)]
         train.write_history(history, tmp_path)
-        summary = {**early.summary(), "epochs_run": 8, "weights_sha256": train.weights_sha256(model),
+        summary = {**early.summary(), "epochs_run": 8, "weights_sha256": modelfile.weights_sha256(model),
                    "train_seconds": 1.0, "stop_reason": "early_stopping", "collapsed": False, "collapsed_epoch": 0}
         handle.log_training_end(summary, model, tmp_path)
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from imgclf import train
+from imgclf import modelfile, train
 from imgclf.callbacks import CollapseDetector
 from imgclf.distribute import make_strategy
 from imgclf.early_stopping import make
@@ -60,9 +60,9 @@ def test_weights_hash_and_inference_copy():
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     model.compile("adam", "mse")
     copy_ = train.inference_copy(model)
-    assert train.weights_sha256(copy_) == train.weights_sha256(model) and not getattr(copy_, "optimizer", None)
+    assert modelfile.weights_sha256(copy_) == modelfile.weights_sha256(model) and not getattr(copy_, "optimizer", None)
     model.set_weights([w * 2 for w in model.get_weights()])
-    assert train.weights_sha256(copy_) != train.weights_sha256(model)
+    assert modelfile.weights_sha256(copy_) != modelfile.weights_sha256(model)
 
 
 def test_device_name_names_the_cpu_here():

@@ -23,38 +23,14 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import yaml
 
+from imgclf.code import code_digest
 from imgclf.errors import one_line
 from imgclf.files import atomic_write, write_json
 from imgclf.paths import CHECKPOINT_STATE
 
-PACKAGE = Path(__file__).resolve().parent
-DVC_YAML = PACKAGE.parents[1] / "dvc.yaml"  # beside src/ in the repository the package is installed from
 # What reading back a damaged checkpoint, or one of a net the fingerprint did not tell apart, raises.
 UNUSABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile)
-
-
-def code_digest(package: Path = PACKAGE, dvc_yaml: Path = DVC_YAML) -> str:
-    """sha256 of the train stage's code: what dvc.yaml's train stage lists under src/imgclf (of a folder,
-    every module in it, so a new family counts) or, without a dvc.yaml, every module of the package.
-
-    Names are taken relative to the package, so a copy of the same code gives the same digest."""
-    roots = [package]
-    if dvc_yaml.is_file():
-        deps = yaml.safe_load(dvc_yaml.read_text())["stages"]["train"]["deps"]
-        code = [Path(dep) for dep in deps if Path(dep).is_relative_to("src/imgclf")]
-        roots = [package / dep.relative_to("src/imgclf") for dep in code]
-    files = {f for root in roots for f in _modules(root)}
-    digest = hashlib.sha256()
-    for name, path in sorted((f.relative_to(package).as_posix(), f) for f in files):
-        digest.update(f"{name}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def _modules(path: Path) -> list[Path]:
-    """A listed file, or every module under a listed folder (nothing for a path that is not there)."""
-    return list(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
 
 
 def code_identity() -> dict:

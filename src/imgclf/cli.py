@@ -25,7 +25,7 @@ def cmd_validate(args) -> None:
 # Imported with the stage's module, in one garbage-collector-off window (lifecycle.imports_first): what the stage
 # imports first thing anyway. train's module brings Keras and MLflow itself; evaluate imports Keras through
 # modelfile.load, after its cheap checks.
-STAGE_IMPORTS = {"prepare": (), "train": (), "evaluate": ("imgclf.tracking",)}
+STAGE_IMPORTS = {"fingerprint": (), "prepare": (), "train": (), "evaluate": ("imgclf.tracking",)}
 
 
 def stage_command(module: str):
@@ -56,7 +56,7 @@ def cmd_predict(args) -> None:
 def cmd_rerun(args) -> int:
     from imgclf import rerun
 
-    return rerun.main(args.run_id, restart=True)
+    return rerun.main(args.run_id, restart=True, current_code=args.current_code)
 
 
 def cmd_experiments(args) -> int:
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     add("validate", cmd_validate, "check params.yaml and exit")
-    for name, text in (("prepare", "data source -> data/prepared/ arrays + manifest.json"),
+    for name, text in (("fingerprint", "what the data source holds now -> data/fingerprint.json"),
+                       ("prepare", "data source -> data/prepared/ arrays + manifest.json"),
                        ("train", "train the model family params.yaml names -> models/model.keras"),
                        ("evaluate", "F1 and friends -> reports/metrics.json")):
         add(name, stage_command(name), text)  # the DVC stage's name is its module's
@@ -99,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--run", help="MLflow run id whose logged model to use")
     source.add_argument("--model", help="a saved .keras model (default: models/model.keras)")
-    rerun = add("rerun", cmd_rerun, "retrain an MLflow run from its params; MATCH (exit 0) or DIFF (exit 1)")
-    rerun.add_argument("run_id", help="the MLflow run to reproduce (same prepared data required)")
+    rerun = add("rerun", cmd_rerun, "retrain an MLflow run at its commit, on its data, with its params; MATCH (exit 0) "
+                                    "or DIFF (exit 1)")
+    rerun.add_argument("run_id", help="the MLflow run to reproduce")
+    rerun.add_argument("--current-code", action="store_true",
+                       help="train with this tree's code instead of the run's commit (data/prepared must be the run's)")
     exps = add("experiments", cmd_experiments, "the report's variants x seeds via DVC's queue, and a table")
     exps.add_argument("--variants", nargs="+", default=[], metavar="V",
                       help="presets to run (default: the report's six): report_final no_256 no_512 single_fc "

@@ -59,6 +59,23 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
     return ((proc.stderr or "").strip().splitlines() or (proc.stdout or "").strip().splitlines() or ["no output"])[-1]
 
 
+# What a queued experiment's code and config can come from. DVC copies the workspace's changes to tracked and
+# staged files into the experiment, never untracked ones (treeverse/dvc#5029): a new family or source file
+# would be missing from it, silently.
+QUEUED_INPUTS = ("src", "dvc.yaml", "params.yaml")
+
+
+def refuse_untracked_inputs(root: Path) -> None:
+    """One line naming the untracked files a queued experiment would run without, and the fix."""
+    proc = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", *QUEUED_INPUTS], cwd=root,
+                          capture_output=True, text=True)
+    untracked = proc.stdout.split()
+    if untracked:
+        shown = ", ".join(untracked[:5]) + (f" and {len(untracked) - 5} more" if len(untracked) > 5 else "")
+        raise ImgclfError(f"{shown}: not tracked by git, so DVC's queue would run the experiments without them; "
+                          f"`git add` them (staged files go with a queued experiment) or commit them, then rerun")
+
+
 def enqueue(root: Path, job: Job) -> None:
     """`dvc exp run --queue ...`; remembers the name DVC gives the experiment."""
     proc = subprocess.run(job.args, cwd=root, capture_output=True, text=True)

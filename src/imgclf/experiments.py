@@ -199,6 +199,7 @@ def main(params: dict, variants: list[str], seeds: list[int] | None, user_overri
         write_table(experiment, variants or None, seeds)
         return 0
     seeds = seeds or [params["seed"]]
+    exp_queue.refuse_untracked_inputs(repo_root())
     # Fail fast on an unreachable store before queueing anything, and create the experiment once.
     Tracker.connect(params["tracking"])
     grid = [exp_queue.Job(f"{v} seed {s}", queue_args(v, s, user_overrides)) for v in chosen for s in seeds]

@@ -9,6 +9,7 @@ timestamps and without the save date; Keras loads it as before.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import zipfile
@@ -62,19 +63,43 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {one_line(exc)}"[:160]
 
 
-def load(path: str | Path):
-    """Load a saved model for inference only; safe_mode refuses pickled Python lambdas in the file."""
+def weights_sha256(model) -> str:
+    """sha256 over every weight array in order: equal hashes mean bit-identical models."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w))
+    return digest.hexdigest()
+
+
+RERUN = "rerun the train stage (`dvc repro`) to write it again, or pass a model saved by imgclf"
+
+
+def check_weights(model, expected: str | None, path: str | Path, recorded_in: str) -> None:
+    """Refuse a model whose weights are not the ones training recorded (`expected`; None: no record).
+
+    A .keras file whose HDF5 weights were partly overwritten still loads: zip readers do not check every
+    member's CRC and h5py reads what it can, so only the hash tells a damaged model from the trained one."""
+    actual = weights_sha256(model) if expected else None
+    if actual != expected:
+        raise ImgclfError(f"{path}: its weights (sha256 {actual[:12]}) are not the ones training recorded in "
+                          f"{recorded_in} ({expected[:12]}): the file is damaged or from another run; {RERUN}")
+
+
+def load(path: str | Path, expected_sha256: str | None = None, recorded_in: str = "reports/train.json"):
+    """Load a saved model for inference only; safe_mode refuses pickled Python lambdas in the file. With
+    `expected_sha256` (what training recorded in `recorded_in`), its weights must hash to it."""
     keras = imports_first("keras")  # evaluate's and predict's first import of it
 
-    rerun = "rerun the train stage (`dvc repro`) to write it again, or pass a model saved by imgclf"
     try:
-        return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+        model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except ValueError as exc:  # safe mode's refusal, or not a Keras model file at all
         if not zipfile.is_zipfile(path):  # Keras calls a truncated file "not found"
-            raise ImgclfError(f"{path}: not a .keras zip archive (truncated, or another format); {rerun}") from None
-        raise ImgclfError(f"{path}: not loadable as a safe Keras model ({_reason(exc)}); {rerun}") from None
+            raise ImgclfError(f"{path}: not a .keras zip archive (truncated, or another format); {RERUN}") from None
+        raise ImgclfError(f"{path}: not loadable as a safe Keras model ({_reason(exc)}); {RERUN}") from None
     except _DAMAGED as exc:
-        raise ImgclfError(f"{path}: corrupt Keras model file ({_reason(exc)}); {rerun}") from None
+        raise ImgclfError(f"{path}: corrupt Keras model file ({_reason(exc)}); {RERUN}") from None
+    check_weights(model, expected_sha256, path, recorded_in)
+    return model
 
 
 @contextlib.contextmanager

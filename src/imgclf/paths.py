@@ -4,11 +4,15 @@ from __future__ import annotations
 
 PARAMS_FILE = "params.yaml"                           # the one configuration file (validated by config.py)
 
+# fingerprint -> data/fingerprint.json: what the data source holds now (prepare depends on it)
+FINGERPRINT_JSON = "data/fingerprint.json"
+RAW_DIR = "data/raw"                                  # images and archives kept inside the repo (`dvc add`)
+
 # prepare -> data/prepared: one .npy per split and array, and the manifest describing them
 PREPARED_DIR = "data/prepared"
 MANIFEST = "manifest.json"                            # counts, class names, sha256 of every array, digest
 SPLITS = ("train", "dev", "test")                     # "test" only when the source has one
-CIFAR10_DEFAULT_PATH = "data/raw/cifar-10-python.tar.gz"  # where the cifar10 source downloads to
+CIFAR10_DEFAULT_PATH = f"{RAW_DIR}/cifar-10-python.tar.gz"  # where the cifar10 source downloads to
 
 # train -> models/ and reports/
 MODEL_PATH = "models/model.keras"                     # the trained net without optimizer state

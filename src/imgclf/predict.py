@@ -10,7 +10,7 @@ from imgclf import modelfile
 from imgclf.errors import ImgclfError
 from imgclf.files import read_json
 from imgclf.images import load_image
-from imgclf.paths import MANIFEST, MODEL_PATH, PREPARED_DIR
+from imgclf.paths import MANIFEST, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, TRAIN_SUMMARY
 from imgclf.tta import predict_logits
 
 
@@ -24,8 +24,10 @@ def load_run_model(run_id: str):
     try:
         model = mlflow.keras.load_model(f"runs:/{run_id}/model")
         manifest = mlflow.artifacts.load_dict(f"runs:/{run_id}/data/{MANIFEST}")
+        expected = mlflow.tracking.MlflowClient().get_run(run_id).data.tags.get("weights_sha256")
     except mlflow.exceptions.MlflowException as exc:
         raise run_failure(run_id, exc, "check the run id in `mlflow ui`") from None
+    modelfile.check_weights(model, expected, f"the model of MLflow run {run_id}", "its weights_sha256 tag")
     return model, manifest["classes"]
 
 
@@ -34,7 +36,16 @@ def load_local_model(model_path: str | Path):
     if not Path(model_path).is_file():
         raise ImgclfError(f"{model_path}: no model there; run `make run` (or `dvc repro`) or pass --model/--run")
     classes = read_json(Path(PREPARED_DIR) / MANIFEST, "data manifest")["classes"]
-    return modelfile.load(model_path), classes
+    return modelfile.load(model_path, *recorded_weights(model_path)), classes
+
+
+def recorded_weights(model_path: str | Path) -> tuple[str | None, str]:
+    """The weights sha256 training recorded for the pipeline's own model (reports/train.json), and where;
+    (None, "") for any other file, which has no record to check it against."""
+    summary = Path(REPORTS_DIR) / TRAIN_SUMMARY
+    if Path(model_path).resolve() != Path(MODEL_PATH).resolve() or not summary.is_file():
+        return None, ""
+    return read_json(summary, "training summary").get("weights_sha256"), str(summary)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""`imgclf rerun RUN_ID`: retrain a logged run from its own params and check the weights match, bit for bit."""
+"""`imgclf rerun RUN_ID`: retrain a logged run from its own code, data, params and seed, and check the weights
+match, bit for bit (at_commit.py restores the code; `--current-code` uses this tree's)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from imgclf.machine import ONEDNN_SWITCHES
 from imgclf.paths import PARAMS_FILE, PREPARED_DIR
 from imgclf.prepared import load_prepared
 
-# Tags whose difference explains a DIFF: see tracking.environment_tags and machine.cpu_facts.
-ENV_TAGS = ("python_version", "tensorflow_version", "keras_version", "numpy_version", "platform", "device",
-            "numerics", "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES), "cpu_count", "tf_intra_op_threads",
-            "tf_inter_op_threads")
+# Tags whose difference explains a DIFF: see tracking.lineage_tags, environment_tags and machine.cpu_facts.
+ENV_TAGS = ("git_commit", "code_digest", "python_version", "tensorflow_version", "keras_version", "numpy_version",
+            "platform", "device", "numerics", "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES),
+            "cpu_count", "tf_intra_op_threads", "tf_inter_op_threads")
 
 
 def fill_later_keys(logged, defaults: dict, prefix: str = "") -> list[str]:
@@ -44,12 +45,8 @@ def repo_params(path: Path) -> dict:
     return params if isinstance(params, dict) else {}
 
 
-def fetch_run(client, run_id: str, defaults: Path = Path(PARAMS_FILE)):
-    """The MLflow run and the params.yaml it logged; a bad id is a one-line error.
-
-    A run logged before a params key existed gets that key's value from `defaults` (this repo's params.yaml),
-    and one line says which: the logged artifact cannot be edited, and the schema requires every key.
-    """
+def logged_run(client, run_id: str):
+    """The MLflow run and the params.yaml text it logged; a bad id or an unfinished run is a one-line error."""
     import mlflow
 
     from imgclf.tracking import TrackingError, run_failure
@@ -62,6 +59,16 @@ def fetch_run(client, run_id: str, defaults: Path = Path(PARAMS_FILE)):
     for tag in ("weights_sha256", "data_digest"):
         if tag not in run.data.tags:
             raise TrackingError(f"MLflow run {run_id} has no {tag} tag: it did not finish training; pick another run")
+    return run, text
+
+
+def fetch_run(client, run_id: str, defaults: Path = Path(PARAMS_FILE)):
+    """The MLflow run and the params.yaml it logged, validated for this tree's code.
+
+    A run logged before a params key existed gets that key's value from `defaults` (this repo's params.yaml),
+    and one line says which: the logged artifact cannot be edited, and the schema requires every key.
+    """
+    run, text = logged_run(client, run_id)
     params = parse_yaml(text)
     filled = fill_later_keys(params, repo_params(defaults))
     if filled:
@@ -110,28 +117,45 @@ def compare(client, original, new_run_id: str) -> tuple[bool, list[str]]:
     return False, lines
 
 
-def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = False) -> int:
-    """Retrain RUN_ID's params on the same data as a new run tagged rerun_of; 0 on MATCH, 1 on DIFF.
+def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = False,
+         current_code: bool = False) -> int:
+    """Retrain RUN_ID as a new run tagged rerun_of and compare the weights; 0 on MATCH, 1 on DIFF.
+
+    By default at the run's own commit (at_commit: its code, data and params, in a temporary worktree);
+    `current_code` trains with this tree's code instead, in this process."""
+    from mlflow.tracking import MlflowClient
+
+    from imgclf.tracking import configure
+
+    uri, _ = configure()
+    client = MlflowClient()
+    if current_code:
+        original, params = fetch_run(client, run_id)
+        new_run_id = rerun_here(original, params, Path(prepared_dir), restart)
+    else:
+        from imgclf.at_commit import rerun
+        from imgclf.tracking import repo_root
+
+        original, text = logged_run(client, run_id)  # the text as logged: the keys of that commit's schema
+        new_run_id = rerun(client, original, text, uri, repo_root(), Path(prepared_dir))
+    match, lines = compare(client, original, new_run_id)
+    client.set_tag(new_run_id, "reproduced", str(match).lower())
+    print("\n".join(lines))
+    return 0 if match else 1
+
+
+def rerun_here(original, params: dict, prepared_dir: Path, restart: bool) -> str:
+    """Train the run's params with this tree's code, in this process; the new run's id.
 
     The run's train.numerics is known only once MLflow is read. TensorFlow is imported after that, so its
     environment is set in time and a bad id or other data fails in seconds; should TensorFlow be loaded
     already (a caller imported it), `restart` (the CLI) starts the command again with that environment."""
-    from mlflow.tracking import MlflowClient
-
     from imgclf.numerics import restart_with_numerics, use_numerics
-    from imgclf.tracking import configure
 
-    configure()
-    client = MlflowClient()
-    original, params = fetch_run(client, run_id)
     (restart_with_numerics if restart else use_numerics)(params["train"]["numerics"])
     check_same_data(original, prepared_dir)
     train = imports_first("imgclf.train").train  # TensorFlow, in the run's numerics mode
-
     with tempfile.TemporaryDirectory(prefix="imgclf-rerun-") as tmp:
         summary = train(params, prepared_dir, Path(tmp) / "model.keras", Path(tmp), Path(tmp) / "checkpoint",
-                        tags={"rerun_of": run_id})
-    match, lines = compare(client, original, summary["mlflow_run_id"])
-    client.set_tag(summary["mlflow_run_id"], "reproduced", str(match).lower())
-    print("\n".join(lines))
-    return 0 if match else 1
+                        tags={"rerun_of": original.info.run_id})
+    return summary["mlflow_run_id"]

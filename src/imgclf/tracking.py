@@ -34,6 +34,7 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_TIMEOUT,
 )
 
+from imgclf.code import code_digest, uncommitted
 from imgclf.errors import ImgclfError, one_line
 from imgclf.files import naming_failed_writes
 from imgclf.machine import cpu_facts
@@ -92,6 +93,7 @@ def configure() -> tuple[str, bool]:
     """Point MLflow at the tracking store with bounded HTTP retries; fail fast when a server is unreachable."""
     for variable, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(variable.name, value)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small download is noise
     uri, is_default = tracking_uri()
     check_reachable(uri)
     with store_lock(uri):  # under the lock: another process may be creating the store's tables right now
@@ -316,14 +318,17 @@ def _claim(run_id: str) -> None:
 
 
 def git_facts(root: Path) -> dict[str, str]:
-    """Commit and dirty flag of the repo (tracked files only), or 'unknown' outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-
+    """The commit of the repo at `root`, and whether the train stage's code differs from it (`git_dirty`:
+    its modules, new ones included, or requirements.lock; params.yaml and dvc.lock are not code, and DVC
+    rewrites dvc.lock as stages finish), with the first such files; 'unknown' outside git."""
     try:
-        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain", "-uno")))}
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = uncommitted(root)
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(bool(changed)),
+            **({"git_dirty_files": ", ".join(changed)[:500]} if changed else {})}
 
 
 def lineage_tags() -> dict[str, str]:
@@ -536,6 +541,7 @@ class TrainingRun:
         mlflow.log_params(run_params(params, model))  # equal values only, when resuming (see Tracker._may_reopen)
         mlflow.set_tags({
             **lineage_tags(),
+            "code_digest": code_digest(),
             **environment_tags(device),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "data_digest": manifest["digest"],

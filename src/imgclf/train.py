@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import platform
@@ -60,14 +59,6 @@ def inference_copy(model):
     copy = keras.Model.from_config(model.get_config())  # clone_model would copy the compile state too
     copy.set_weights(model.get_weights())
     return copy
-
-
-def weights_sha256(model) -> str:
-    """sha256 over every weight array in order: equal hashes mean bit-identical models."""
-    digest = hashlib.sha256()
-    for w in model.get_weights():
-        digest.update(np.ascontiguousarray(w))
-    return digest.hexdigest()
 
 
 def write_history(history: list[dict], reports_dir: Path) -> Path:
@@ -226,7 +217,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
         history, stops = fit(model, splits, params, run, resume, ckpt_dir, fingerprint, write=chief)
         # 5. Save: model, history, summary (git-tracked, the same bytes on every rerun) and the run's id and
         #    wall time (reports/run.json, untracked).
-        summary = {**stops, "epochs_run": len(history), "weights_sha256": weights_sha256(model),
+        summary = {**stops, "epochs_run": len(history), "weights_sha256": modelfile.weights_sha256(model),
                    "num_params": model.count_params(), "device": device, "data_digest": manifest["digest"]}
         run_info = {"mlflow_run_id": run.run_id, "train_seconds": round(time.perf_counter() - start, 2),
                     "weights_sha256": summary["weights_sha256"]}

@@ -23,12 +23,13 @@ from imgclf.distribute import tf_config
 from imgclf.errors import ImgclfError
 from imgclf.exp_queue import pid_running
 from imgclf.files import OS_FIXES
-from imgclf.paths import CHECKPOINT_DIR, MODEL_PATH, PREPARED_DIR, REPORTS_DIR
+from imgclf.paths import CHECKPOINT_DIR, FINGERPRINT_JSON, MODEL_PATH, PREPARED_DIR, REPORTS_DIR
 
 LOCK_FILE = ".imgclf.lock.tmp"   # in the working directory; git ignores `.*.tmp*`
 DVC_LOCK = ".dvc/tmp/lock"       # DVC's repository lock (zc.lockfile: an flock, the holder's pid inside)
 # The folders each command writes into (a missing one is created by the stage: its parent is checked).
 OUTPUT_DIRS = {
+    "fingerprint": (str(Path(FINGERPRINT_JSON).parent),),
     "prepare": (str(Path(PREPARED_DIR).parent),),
     "train": (str(Path(MODEL_PATH).parent), CHECKPOINT_DIR, REPORTS_DIR),
     "evaluate": (REPORTS_DIR,),

@@ -60,10 +60,12 @@ class Source:
 
 @dataclass(frozen=True)
 class DataSource:
-    """A registered source: its loader, and the one image size it has (None: any, data.image_size)."""
+    """A registered source: its loader, the one image size it has (None: any, data.image_size), and where it
+    reads from when data.path is null (None: nowhere on disk, e.g. bundled with a package)."""
 
     load: Callable[[dict], Source]
     fixed_size: int | None = None
+    default_path: str | None = None
 
     def check(self, data: dict) -> list[str]:
         """Problems with params["data"] for this source (config's cross-check)."""

@@ -192,4 +192,4 @@ def load(data: dict) -> Source:
     return load_cifar10(data.get("path"))
 
 
-REGISTRY.register("cifar10", DataSource(load=load, fixed_size=32))
+REGISTRY.register("cifar10", DataSource(load=load, fixed_size=32, default_path=CIFAR10_DEFAULT_PATH))
