@@ -167,3 +167,17 @@ def test_a_model_file_with_changed_weights_is_refused_by_evaluate_and_predict(tr
         line = error_line(proc.stderr, command[0])
         assert line.startswith(f"imgclf {command[0]}: error: models/model.keras: its weights (sha256 ")
         assert "are not the ones training recorded in reports/train.json" in line and "rerun the train stage" in line
+
+
+def test_predict_a_folder_with_a_corrupt_image_writes_every_other_row_and_exits_2(trained_copy):
+    for i in range(3):
+        save_image(trained_copy / f"shots/{i}.png")
+    (trained_copy / "shots/bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    proc = run(["imgclf", "predict", "shots", "--output", "preds.csv", "--top-k", "3"], trained_copy, check=False)
+    assert proc.returncode == 2
+    assert error_line(proc.stderr, "predict").startswith("imgclf predict: error: 1 of 4 images could not be predicted")
+    rows = list(csv.DictReader((trained_copy / "preds.csv").open()))
+    assert [r["path"] for r in rows] == ["shots/0.png", "shots/1.png", "shots/2.png", "shots/bad.jpg"]
+    classes = json.loads((trained_copy / "data/prepared/manifest.json").read_text())["classes"]
+    assert all(r["class"] in classes and r["top3_class"] in classes and not r["error"] for r in rows[:3])
+    assert rows[3]["class"] == "" and "shots/bad.jpg: unreadable or truncated image" in rows[3]["error"]

@@ -36,7 +36,9 @@ def reproducible_commit(run) -> str:
     if commit == "unknown":
         raise ImgclfError(f"MLflow run {run_id} records no git commit (trained outside git), so its code cannot be "
                           f"restored; {CURRENT_CODE.format(run_id=run_id)}")
-    if tags.get("git_dirty") == "True":
+    # Before code_digest was tagged, git_dirty counted any tracked change (dvc.lock, which DVC rewrites, too):
+    # such a run is retrained at its commit unchecked, and check_code says so.
+    if tags.get("git_dirty") == "True" and "code_digest" in tags:
         files = tags.get("git_dirty_files", "code not in its commit")
         raise ImgclfError(f"MLflow run {run_id} trained on uncommitted code ({files}): it cannot be reproduced "
                           f"exactly; {CURRENT_CODE.format(run_id=run_id)}")

@@ -50,13 +50,19 @@ def cmd_predict(args) -> None:
 
     # outside a project there is no params.yaml to take evaluate.tta from: no TTA then
     tta = args.tta or (_params(args)["evaluate"]["tta"] if os.path.isfile(args.params) else "none")
-    predict.main(args.images, run_id=args.run, model_path=args.model, tta=tta)
+    predict.main(args.images, run_id=args.run, model_path=args.model, tta=tta, output=args.output, top_k=args.top_k)
 
 
 def cmd_rerun(args) -> int:
     from imgclf import rerun
 
     return rerun.main(args.run_id, restart=True, current_code=args.current_code)
+
+
+def cmd_promote(args) -> None:
+    from imgclf import promote
+
+    promote.main(args.run_id, args.alias, args.name, args.force)
 
 
 def cmd_experiments(args) -> int:
@@ -93,18 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
                        ("train", "train the model family params.yaml names -> models/model.keras"),
                        ("evaluate", "F1 and friends -> reports/metrics.json")):
         add(name, stage_command(name), text)  # the DVC stage's name is its module's
-    predict = add("predict", cmd_predict, "print class and probability per image")
-    predict.add_argument("images", nargs="+", help="image files (any size; converted to the net's size, RGB)")
+    predict = add("predict", cmd_predict, "class and probability per image, printed or written to a CSV")
+    predict.add_argument("images", nargs="+", metavar="PATH",
+                         help="image files, folders (searched recursively) or glob patterns; any size, converted to "
+                              "the net's size, RGB")
     predict.add_argument("--tta", choices=("none", "flip", "flip_translate"),
                          help="test-time augmentation (default: params.yaml's evaluate.tta)")
+    predict.add_argument("-o", "--output", metavar="CSV",
+                         help="write path, class, probability, the top-k and any error per image to this CSV")
+    predict.add_argument("-k", "--top-k", type=int, default=1, metavar="K", help="also the K most probable classes")
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--run", help="MLflow run id whose logged model to use")
-    source.add_argument("--model", help="a saved .keras model (default: models/model.keras)")
+    source.add_argument("--model", help="a saved .keras model (default: models/model.keras), or a registered version "
+                                        "models:/NAME@ALIAS or models:/NAME/VERSION")
     rerun = add("rerun", cmd_rerun, "retrain an MLflow run at its commit, on its data, with its params; MATCH (exit 0) "
                                     "or DIFF (exit 1)")
     rerun.add_argument("run_id", help="the MLflow run to reproduce")
     rerun.add_argument("--current-code", action="store_true",
                        help="train with this tree's code instead of the run's commit (data/prepared must be the run's)")
+    promote = add("promote", cmd_promote, "point a registry alias (default champion) at an MLflow run's model")
+    promote.add_argument("run_id", help="the MLflow run whose model to promote (registered first if need be)")
+    promote.add_argument("--alias", default="champion", help="the alias to set (default: champion)")
+    promote.add_argument("--name", help="registered model name (default: the run's tracking.register_model, else its "
+                                        "experiment's name)")
+    promote.add_argument("--force", action="store_true", help="promote even if it scores below the alias's holder")
     exps = add("experiments", cmd_experiments, "the report's variants x seeds via DVC's queue, and a table")
     exps.add_argument("--variants", nargs="+", default=[], metavar="V",
                       help="presets to run (default: the report's six): report_final no_256 no_512 single_fc "

@@ -74,10 +74,16 @@ def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str]
     run named `name`); then the `evaluated` tag, which is what tells these final scores from training's."""
     import mlflow
 
-    from imgclf.tracking import EVALUATED
+    from imgclf.tracking import EVALUATED, logged_model_id
 
-    with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name):
-        mlflow.log_metrics(final_metrics(results, classes), step=train["epochs_run"])
+    with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name) as evaluated:
+        final = final_metrics(results, classes)
+        mlflow.log_metrics(final, step=train["epochs_run"])
+        # The headline scores on the logged model too: MLflow's model view and the registry's versions show them.
+        model_id = logged_model_id(mlflow.get_run(evaluated))
+        if model_id:
+            headline = {k: v for k, v in final.items() if "/" not in k}
+            mlflow.log_metrics(headline, step=train["epochs_run"], model_id=model_id)
         for report in (CONFUSION_PNG, METRICS_JSON, CLASSIFICATION_REPORT):
             mlflow.log_artifact(str(reports_dir / report))
         mlflow.set_tag(EVALUATED, "true")

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from imgclf.errors import DataError, one_line
 
 DEFAULT_SIZE = 32  # CIFAR-10's size, and the report's net's only one
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")  # what the folder source and `imgclf predict DIR` read
 # A few hundred bytes of PNG can declare 20000x20000 pixels (a "decompression bomb"). Pillow only warns up
 # to 179 Mpx (~0.5 GB as RGB); the pipeline's images are at most 1024 px square, so a far larger source
 # image is refused from its header, before any pixel is decoded. 40 Mpx (~120 MB as RGB) still takes any

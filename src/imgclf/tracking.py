@@ -651,6 +651,12 @@ def epoch_logger():
     return EpochLogger()
 
 
+def logged_model_id(run) -> str | None:
+    """The id of the model a run logged (MLflow 3's LoggedModel: what the registry and the model view show), if any."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return outputs[-1].model_id if outputs else None
+
+
 def log_keras_model(model, register_as: str | None) -> None:
     """Log the Keras model with a signature (input_example crashes in MLflow 3.17) for pyfunc use."""
     import keras

@@ -11,11 +11,10 @@ import numpy as np
 
 from imgclf.errors import DataError
 from imgclf.files import sha256_bytes
-from imgclf.images import DEFAULT_SIZE, decode_image
+from imgclf.images import DEFAULT_SIZE, IMAGE_SUFFIXES, decode_image
 from imgclf.sources import REGISTRY, DataSource, Source, existing_path
 from imgclf.workers import Workers
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 def _unreadable(path: Path, exc: OSError) -> DataError:
