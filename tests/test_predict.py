@@ -11,6 +11,7 @@ import pytest
 from fakes import save_image
 from imgclf import modelfile, predict
 from imgclf.errors import ImgclfError
+from imgclf.tta import softmax
 
 
 def saved_model(path, size: int):
@@ -35,7 +36,7 @@ def test_predict_prints_class_and_probability_at_the_nets_size(tmp_path, monkeyp
     from imgclf.tta import predict_logits
 
     logits = predict_logits(model, np.stack([load_image(p, 24) for p in images]), tta)
-    probs = predict.softmax(logits.astype(np.float64))
+    probs = softmax(logits.astype(np.float64))
     assert [r[1] for r in rows] == [["cat", "dog", "owl"][i] for i in probs.argmax(1)]
     assert [r[2] for r in rows] == pytest.approx(probs.max(1).tolist())
 
@@ -46,7 +47,7 @@ def test_a_missing_model_is_one_line(tmp_path):
 
 
 def test_softmax_is_stable():
-    probs = predict.softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
+    probs = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
     np.testing.assert_allclose(probs, [[1.0, 0.0], [0.5, 0.5]])
 
 
@@ -87,7 +88,7 @@ def test_folders_and_globs_stream_to_a_csv_with_the_top_k_and_a_row_per_bad_imag
     from imgclf.images import load_image
     from imgclf.tta import predict_logits
 
-    probs = predict.softmax(predict_logits(model, np.stack([load_image(p, 16) for p in good])).astype(np.float64))
+    probs = softmax(predict_logits(model, np.stack([load_image(p, 16) for p in good])).astype(np.float64))
     for row, p in zip([rows[0], rows[2], rows[3]], probs):
         order = np.argsort(-p)
         assert (row["class"], row["top2_class"]) == (["cat", "dog", "owl"][order[0]], ["cat", "dog", "owl"][order[1]])

@@ -16,7 +16,7 @@ from imgclf.config import load_params
 from imgclf.images import load_image
 from imgclf.modelfile import load as load_model
 from imgclf.prepared import load_prepared
-from imgclf.tta import predict_logits
+from imgclf.tta import predict_logits, softmax
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +52,7 @@ def test_the_fast_family_trains_evaluates_and_predicts_large_images_from_a_folde
     assert model.input_shape == (None, size, size, 3)
     photo = save_image(tmp_path / "photo.png", size=(size + 50, size + 30))
     ((_, name, prob),) = predict.main([str(photo)], tta="flip_translate")
-    probs = predict.softmax(predict_logits(model, load_image(photo, size)[None], "flip_translate").astype(np.float64))
+    probs = softmax(predict_logits(model, load_image(photo, size)[None], "flip_translate").astype(np.float64))
     assert name == ["cat", "dog"][int(probs.argmax())] and prob == pytest.approx(probs.max(), abs=1e-6)
     rows = (tmp_path / "reports/dev_predictions.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 5

@@ -18,7 +18,7 @@ from imgclf.early_stopping import make as early_stopping
 from imgclf.images import load_image
 from imgclf.machine import cpu_facts
 from imgclf.modelfile import load as load_model
-from imgclf.predict import softmax
+from imgclf.tta import softmax
 from imgclf.tracking import flatten
 
 pytestmark = pytest.mark.e2e

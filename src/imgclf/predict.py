@@ -23,7 +23,7 @@ from imgclf.errors import DataError, ImgclfError
 from imgclf.files import atomic_write, read_json
 from imgclf.images import IMAGE_SUFFIXES, load_image
 from imgclf.paths import MANIFEST, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, TRAIN_SUMMARY
-from imgclf.tta import predict_logits
+from imgclf.tta import probabilities, ranked
 
 BATCH = 256  # images read and predicted at once: what predict holds in memory
 
@@ -37,20 +37,19 @@ class Prediction(NamedTuple):
 
 
 def load_run_model(run_id: str):
-    """The Keras model logged on an MLflow run, and the class names from its data manifest."""
+    """The Keras net and class names of the model logged on an MLflow run (the served pyfunc, serving.py)."""
     import mlflow
 
     from imgclf.tracking import configure, run_failure
 
     configure()
     try:
-        model = mlflow.keras.load_model(f"runs:/{run_id}/model")
-        manifest = mlflow.artifacts.load_dict(f"runs:/{run_id}/data/{MANIFEST}")
+        served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model()
         expected = mlflow.tracking.MlflowClient().get_run(run_id).data.tags.get("weights_sha256")
     except mlflow.exceptions.MlflowException as exc:
         raise run_failure(run_id, exc, "check the run id in `mlflow ui`") from None
-    modelfile.check_weights(model, expected, f"the model of MLflow run {run_id}", "its weights_sha256 tag")
-    return model, manifest["classes"]
+    modelfile.check_weights(served.model, expected, f"the model of MLflow run {run_id}", "its weights_sha256 tag")
+    return served.model, served.classes
 
 
 def load_registered_model(uri: str):
@@ -95,11 +94,6 @@ def load_model(run_id: str | None, model: str | None):
     return load_local_model(model or MODEL_PATH)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def expand(paths: Iterable[str]) -> list[str]:
     """Files as given; folders searched recursively for images (dotfiles left out); glob patterns expanded.
     A pattern that matches nothing stays, to become a row that says so."""
@@ -125,14 +119,13 @@ def predictions(model, classes: list[str], paths: list[str], tta: str, top_k: in
                 images.append(load_image(path, size))
             except (DataError, OSError) as exc:
                 errors[path] = str(exc) if isinstance(exc, DataError) else f"{path}: {exc.strerror or exc}"
-        probs = iter(softmax(np.asarray(predict_logits(model, np.stack(images), tta), np.float64)) if images else [])
+        probs = iter(probabilities(model, np.stack(images), tta) if images else [])
         for path in chunk:
             if path in errors:
                 yield Prediction(path, "", float("nan"), [], errors[path])
                 continue
-            p = next(probs)
-            order = np.argsort(-p, kind="stable")[:top_k]
-            yield Prediction(path, classes[order[0]], float(p[order[0]]), [(classes[i], float(p[i])) for i in order])
+            top = ranked(next(probs), classes, top_k)
+            yield Prediction(path, *top[0], top)
 
 
 def write_csv(rows: Iterator[Prediction], output: Path, top_k: int, total: int) -> list[Prediction]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import re
@@ -21,6 +22,7 @@ import socket
 import sqlite3
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -538,6 +540,7 @@ class TrainingRun:
 
     def log_start(self, params: dict, manifest: dict, model, device: str, tags: dict) -> None:
         """Params as used (flattened with dots), lineage and environment tags, the data as an input."""
+        self.classes, self.tta = manifest["classes"], params["evaluate"]["tta"]  # what the served model answers with
         mlflow.log_params(run_params(params, model))  # equal values only, when resuming (see Tracker._may_reopen)
         mlflow.set_tags({
             **lineage_tags(),
@@ -588,7 +591,7 @@ class TrainingRun:
         with artifacts_written():
             for name in (HISTORY_CSV, LOSS_PNG):
                 mlflow.log_artifact(str(reports_dir / name))
-            log_keras_model(model, self.register_as)
+            log_served_model(model, self.classes, self.tta, self.register_as)
 
 
 def artifacts_written() -> contextlib.AbstractContextManager:
@@ -657,20 +660,36 @@ def logged_model_id(run) -> str | None:
     return outputs[-1].model_id if outputs else None
 
 
-def log_keras_model(model, register_as: str | None) -> None:
-    """Log the Keras model with a signature (input_example crashes in MLflow 3.17) for pyfunc use."""
+def log_served_model(model, classes: list[str], tta: str, register_as: str | None) -> None:
+    """Log the model as the pyfunc `mlflow models serve` runs (serving.py): the .keras net and the class names as
+    artifacts, the package's code beside them, the run's TTA; with its signature and an input example."""
     import keras
     import numpy as np
+    import pandas as pd
     import tensorflow as tf
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.models import infer_signature
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.input_shape[1:]), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.output_shape[-1]), "logits")]),
-    )
+    from imgclf.modelfile import save
+    from imgclf import serving
+    from imgclf.serving import TOP_K, answers
+
+    size = model.input_shape[1]
+    example = np.zeros((1, size, size, 3), np.uint8)  # one black image: a valid request of the smallest size
+    # The output's schema from a real answer's shape; inputs stay unenforced: tensors and base64 strings are both
+    # valid, and serving.to_images answers a bad request in one line, where MLflow's check would print it whole.
+    top_k = min(TOP_K, len(classes))
+    uniform = np.full((1, len(classes)), 1 / len(classes))
+    signature = infer_signature(None, pd.DataFrame(answers(uniform, classes, top_k)))
     # Explicit requirements: MLflow's inference would import the model in a subprocess (slow).
-    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements,
-                           registered_model_name=register_as)
-
+    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}",
+                    f"pillow=={__import__('PIL').__version__}", f"pandas=={pd.__version__}"]
+    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp, warnings.catch_warnings():
+        # MLflow asks for type hints on predict() to validate inputs itself: it takes one kind of input only
+        warnings.filterwarnings("ignore", "Add type hints to the `predict` method", UserWarning)
+        save(model, Path(tmp) / "model.keras")
+        (Path(tmp) / "classes.json").write_text(json.dumps(classes))
+        mlflow.pyfunc.log_model(
+            name="model", python_model=serving.__file__, code_paths=[str(Path(__file__).resolve().parent)],
+            artifacts={"model": str(Path(tmp) / "model.keras"), "classes": str(Path(tmp) / "classes.json")},
+            model_config={"tta": tta, "top_k": top_k}, signature=signature, input_example=example,
+            pip_requirements=requirements, registered_model_name=register_as)

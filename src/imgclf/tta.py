@@ -4,7 +4,8 @@ none            the image itself
 flip            the image and its mirror, 1/2 each
 flip_translate  airbench94's six views: the image and its mirror 1/4 each, and both of those shifted one
                 pixel up-left and one pixel down-right (reflect padding) 1/8 each
-Any model that takes raw 0-255 pixels works; a left-right symmetric image scores as with `none`.
+Any model that takes raw 0-255 pixels works; a left-right symmetric image scores as with `none`. Also the class
+probabilities every scorer reports, from those logits.
 """
 
 from __future__ import annotations
@@ -50,3 +51,19 @@ def _chunk_logits(model, x: np.ndarray, tta: str, batch_size: int) -> np.ndarray
         images = np.ascontiguousarray(view(x, mirrored, shift), dtype=np.float32)
         total = total + weight * model.predict(images, batch_size=batch_size, verbose=0)
     return total
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def probabilities(model, x: np.ndarray, tta: str = "none") -> np.ndarray:
+    """Class probabilities (float64 softmax of the logits averaged over `tta`'s views): what `imgclf predict` and
+    the served model (serving.py) both report, so they answer alike."""
+    return softmax(np.asarray(predict_logits(model, x, tta), dtype=np.float64))
+
+
+def ranked(p: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    """The k most probable (class, probability) of one image's probabilities, most probable first (ties: class order)."""
+    return [(classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
