@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import modelfile
+from imgclf import figures, modelfile
 from imgclf.files import atomic_write, read_json, write_json
 from imgclf.metrics import classification_metrics
-from imgclf.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDICTIONS, METRICS_JSON, MODEL_PATH,
-                          PREPARED_DIR, REPORTS_DIR, RUN_INFO, TRAIN_SUMMARY)
+from imgclf.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDICTIONS, METRICS_JSON, MISTAKES_PNG,
+                          MODEL_PATH, PR_CURVES_PNG, PR_DIR, PREPARED_DIR, REPORTS_DIR, RUN_INFO, TRAIN_SUMMARY)
 from imgclf.prepared import load_prepared
-from imgclf.tta import predict_logits
+from imgclf.tta import predict_logits, softmax
 
 SUMMARY_KEYS = ("f1_macro", "accuracy", "loss", "count")
 TRAIN_KEYS = ("epochs_run", "early_stopped", "stopped_epoch", "best_epoch", "best_loss", "collapsed",
@@ -23,27 +23,15 @@ TRAIN_KEYS = ("epochs_run", "early_stopped", "stopped_epoch", "best_epoch", "bes
 PER_CLASS = "f1_per_class"  # MLflow groups `dev_f1_per_class/<class>` in a chart section of its own
 
 
-def plot_confusion(results: dict, classes: list[str], path: Path) -> None:
-    """One confusion-matrix panel per evaluated split, counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(4.0, 0.45 * len(classes) + 2)
-    fig, axes = plt.subplots(1, len(results), figsize=(size * len(results), size), squeeze=False)
-    for ax, (split, res) in zip(axes[0], results.items()):
-        matrix = np.array(res["confusion_matrix"])
-        ax.imshow(matrix, cmap="Blues")
-        for (i, j), count in np.ndenumerate(matrix):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if count > matrix.max() / 2 else "black")
-        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(classes)), classes, fontsize=7)
-        ax.set(xlabel="predicted", ylabel="actual", title=f"{split}: macro F1 {res['f1_macro']:.3f}")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    plt.close(fig)
+def draw(splits: dict, logits: dict, results: dict, classes: list[str], reports_dir: Path) -> None:
+    """The confusion matrices, the most confident mistakes, and dev's precision-recall curves (PNG and dvc plots data)."""
+    probs = {split: softmax(np.asarray(out, np.float64)) for split, out in logits.items()}
+    figures.plot_confusion(results, classes, reports_dir / CONFUSION_PNG)
+    figures.plot_mistakes({s: (splits[s][0], splits[s][1], p) for s, p in probs.items()}, classes,
+                          reports_dir / MISTAKES_PNG)
+    curves = figures.pr_curves(splits["dev"][1], probs["dev"], classes)
+    figures.write_pr_data(curves, reports_dir / PR_DIR)
+    figures.plot_pr_curves(curves, "dev", reports_dir / PR_CURVES_PNG)
 
 
 def write_predictions(y_true: np.ndarray, logits: np.ndarray, classes: list[str], path: Path) -> None:
@@ -84,7 +72,7 @@ def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str]
         if model_id:
             headline = {k: v for k, v in final.items() if "/" not in k}
             mlflow.log_metrics(headline, step=train["epochs_run"], model_id=model_id)
-        for report in (CONFUSION_PNG, METRICS_JSON, CLASSIFICATION_REPORT):
+        for report in (CONFUSION_PNG, MISTAKES_PNG, PR_CURVES_PNG, METRICS_JSON, CLASSIFICATION_REPORT):
             mlflow.log_artifact(str(reports_dir / report))
         mlflow.set_tag(EVALUATED, "true")
 
@@ -113,7 +101,7 @@ def evaluate(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: 
     metrics["train"] = {k: trained[k] for k in TRAIN_KEYS}
     write_json(reports_dir / CLASSIFICATION_REPORT, results)
     write_predictions(splits["dev"][1], logits["dev"], classes, reports_dir / DEV_PREDICTIONS)
-    plot_confusion(results, classes, reports_dir / CONFUSION_PNG)
+    draw(splits, logits, results, classes, reports_dir)
     write_json(reports_dir / METRICS_JSON, metrics)
     log_to_mlflow(tracker, training_run_id(reports_dir, trained), results, classes, trained, tta, reports_dir,
                   run_name(params, manifest["dataset"], "eval"))

@@ -29,6 +29,9 @@ METRICS_JSON = "metrics.json"                         # DVC metrics
 CLASSIFICATION_REPORT = "classification_report.json"  # per-class precision/recall/F1, confusion matrices
 DEV_PREDICTIONS = "dev_predictions.csv"               # actual,predicted per dev image (DVC's confusion plot)
 CONFUSION_PNG = "confusion_matrix.png"
+MISTAKES_PNG = "mistakes.png"                         # the most confidently misclassified dev (and test) images
+PR_CURVES_PNG = "pr_curves.png"                       # dev precision-recall per class
+PR_DIR = "pr"                                         # reports/pr/<class>.csv: the same curves for `dvc plots`
 
 # imgclf experiments -> reports/
 EXPERIMENTS_MD = "experiments.md"
