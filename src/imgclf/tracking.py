@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -660,6 +661,13 @@ def logged_model_id(run) -> str | None:
     return outputs[-1].model_id if outputs else None
 
 
+def package_copy(dest: Path) -> str:
+    """This package's source, without bytecode, at dest/imgclf: the code a served model runs with."""
+    source = Path(__file__).resolve().parent
+    shutil.copytree(source, dest / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(dest / source.name)
+
+
 def log_served_model(model, classes: list[str], tta: str, register_as: str | None) -> None:
     """Log the model as the pyfunc `mlflow models serve` runs (serving.py): the .keras net and the class names as
     artifacts, the package's code beside them, the run's TTA; with its signature and an input example."""
@@ -685,11 +693,11 @@ def log_served_model(model, classes: list[str], tta: str, register_as: str | Non
                     f"pillow=={__import__('PIL').__version__}", f"pandas=={pd.__version__}"]
     with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp, warnings.catch_warnings():
         # MLflow asks for type hints on predict() to validate inputs itself: it takes one kind of input only
-        warnings.filterwarnings("ignore", "Add type hints to the `predict` method", UserWarning)
+        warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
         save(model, Path(tmp) / "model.keras")
         (Path(tmp) / "classes.json").write_text(json.dumps(classes))
         mlflow.pyfunc.log_model(
-            name="model", python_model=serving.__file__, code_paths=[str(Path(__file__).resolve().parent)],
+            name="model", python_model=serving.__file__, code_paths=[package_copy(Path(tmp) / "code")],
             artifacts={"model": str(Path(tmp) / "model.keras"), "classes": str(Path(tmp) / "classes.json")},
             model_config={"tta": tta, "top_k": top_k}, signature=signature, input_example=example,
             pip_requirements=requirements, registered_model_name=register_as)
