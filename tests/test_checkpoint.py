@@ -1,4 +1,4 @@
-"""Resumable state (imgclf.checkpoint): one fingerprint per configuration, state.json names its files, every
+"""Resumable state (imgclf.training.checkpoint): one fingerprint per configuration, state.json names its files, every
 stateful callback's state comes back."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from conftest import REPO
-from imgclf import checkpoint, train
-from imgclf.callbacks import CollapseDetector, Lookahead
-from imgclf.distribute import make_strategy
-from imgclf.early_stopping import make
-from imgclf.tracking import NullRun
+from imgclf import train
+from imgclf.training import checkpoint
+from imgclf.training.callbacks import CollapseDetector, Lookahead
+from imgclf.training.distribute import make_strategy
+from imgclf.training.early_stopping import make
+from imgclf.tracking.tracker import NullRun
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -55,7 +56,7 @@ def test_the_code_digest_hashes_the_train_stages_code_that_dvc_yaml_lists(tmp_pa
     assert base == checkpoint.code_digest()  # where it lies does not count, only the files under the package
     (package / "evaluate.py").write_text("# not the train stage's code\n")
     assert checkpoint.code_digest(package, dvc_yaml) == base
-    (package / "families" / "mine.py").write_text("# a new family\n")
+    (package / "training" / "families" / "mine.py").write_text("# a new family\n")
     with_family = checkpoint.code_digest(package, dvc_yaml)
     (package / "train.py").write_text((package / "train.py").read_text() + "# changed\n")
     assert len({base, with_family, checkpoint.code_digest(package, dvc_yaml)}) == 3

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, store_in
 from fakes import make_params
-from imgclf import evaluate, modelfile
+from imgclf import evaluate
+from imgclf.files import modelfile
 from imgclf.prepare import prepare
 from imgclf.train import weights_sha256
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import BIN, wait_until
 from imgclf.errors import ImgclfError
-from imgclf import exp_queue
-from imgclf.exp_queue import DvcQueue, Job, pid_running, process_state, stream_log, update
+from imgclf.experiments import dvc_queue as exp_queue
+from imgclf.experiments.dvc_queue import DvcQueue, Job, pid_running, process_state, stream_log, update
 
 
 def info_file(path, pid: int, returncode: int | None = None):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fakes import save_image
-from imgclf import modelfile, predict
+from imgclf import predict
+from imgclf.files import modelfile
 from imgclf.errors import ImgclfError
 
 
@@ -31,7 +32,7 @@ def test_predict_prints_class_and_probability_at_the_nets_size(tmp_path, monkeyp
     rows = predict.main([str(p) for p in images], model_path=str(tmp_path / "m.keras"), tta=tta)
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
-    from imgclf.images import load_image
+    from imgclf.data.images import load_image
     from imgclf.tta import predict_logits
 
     logits = predict_logits(model, np.stack([load_image(p, 24) for p in images]), tta)

@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import BIN, copy_trained, finished_runs, free_port, pipeline_env, reaped, run, wait_until
 from imgclf.config import load_params
 from imgclf.metrics import EPOCH_METRICS
-from imgclf.tracking import Tracker
+from imgclf.tracking.tracker import Tracker
 from test_dvc_remote import cached_files
 
 # One worker runs the whole module: its server, sshd and repo are built once and shared by its tests.

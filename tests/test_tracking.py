@@ -14,12 +14,12 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, UNTIL_INTERRUPTED, finished_runs, free_port, pipeline_env, run, set_args
 from conftest import wait_for_metric
-from imgclf.early_stopping import make as early_stopping
-from imgclf.images import load_image
-from imgclf.machine import cpu_facts
-from imgclf.modelfile import load as load_model
+from imgclf.training.early_stopping import make as early_stopping
+from imgclf.data.images import load_image
+from imgclf.training.machine import cpu_facts
+from imgclf.files.modelfile import load as load_model
 from imgclf.predict import softmax
-from imgclf.tracking import flatten
+from imgclf.tracking.tracker import flatten
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +109,8 @@ def test_unreachable_server_fails_before_training(prepared_copy):
 
 
 def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monkeypatch):
-    from imgclf import tracking, train
+    from imgclf import train
+    from imgclf.tracking import tracker as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.chdir(tmp_path)

@@ -9,7 +9,7 @@ import pytest
 
 from imgclf import errors, train
 from imgclf.errors import Interrupted, deferred_interrupts
-from imgclf.tracking import NullRun
+from imgclf.tracking.tracker import NullRun
 
 
 @pytest.fixture(autouse=True)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import modelfile
-from imgclf.files import atomic_write, read_json, write_json
+from imgclf.files import modelfile
+from imgclf.files.atomic import atomic_write, read_json, write_json
 from imgclf.metrics import classification_metrics
-from imgclf.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDICTIONS, METRICS_JSON, MODEL_PATH,
+from imgclf.files.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDICTIONS, METRICS_JSON, MODEL_PATH,
                           PREPARED_DIR, REPORTS_DIR, RUN_INFO, TRAIN_SUMMARY)
-from imgclf.prepared import load_prepared
+from imgclf.files.prepared_reader import load_prepared
 from imgclf.tta import predict_logits
 
 SUMMARY_KEYS = ("f1_macro", "accuracy", "loss", "count")
@@ -74,7 +74,7 @@ def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str]
     run named `name`); then the `evaluated` tag, which is what tells these final scores from training's."""
     import mlflow
 
-    from imgclf.tracking import EVALUATED
+    from imgclf.tracking.tracker import EVALUATED
 
     with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name):
         mlflow.log_metrics(final_metrics(results, classes), step=train["epochs_run"])
@@ -93,7 +93,7 @@ def training_run_id(reports_dir: Path, train: dict) -> str | None:
 def evaluate(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
              reports_dir: str | Path = REPORTS_DIR) -> dict:
     """Score the trained model on dev (and test) under evaluate.tta, write metrics and plots, close the MLflow run."""
-    from imgclf.tracking import Tracker, run_name
+    from imgclf.tracking.tracker import Tracker, run_name
 
     reports_dir, tta = Path(reports_dir), params["evaluate"]["tta"]
     trained = read_json(reports_dir / TRAIN_SUMMARY, "training summary")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import modelfile
+from imgclf.files import modelfile
 from imgclf.errors import ImgclfError
-from imgclf.files import read_json
-from imgclf.images import load_image
-from imgclf.paths import MANIFEST, MODEL_PATH, PREPARED_DIR
+from imgclf.files.atomic import read_json
+from imgclf.data.images import load_image
+from imgclf.files.paths import MANIFEST, MODEL_PATH, PREPARED_DIR
 from imgclf.tta import predict_logits
 
 
@@ -18,7 +18,7 @@ def load_run_model(run_id: str):
     """The Keras model logged on an MLflow run, and the class names from its data manifest."""
     import mlflow
 
-    from imgclf.tracking import configure, run_failure
+    from imgclf.tracking.tracker import configure, run_failure
 
     configure()
     try:

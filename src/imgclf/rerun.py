@@ -10,10 +10,10 @@ import yaml
 
 from imgclf.config import parse_yaml, validate
 from imgclf.errors import ImgclfError
-from imgclf.lifecycle import imports_first
-from imgclf.machine import ONEDNN_SWITCHES
-from imgclf.paths import PARAMS_FILE, PREPARED_DIR
-from imgclf.prepared import load_prepared
+from imgclf.process import imports_first
+from imgclf.training.machine import ONEDNN_SWITCHES
+from imgclf.files.paths import PARAMS_FILE, PREPARED_DIR
+from imgclf.files.prepared_reader import load_prepared
 
 # Tags whose difference explains a DIFF: see tracking.environment_tags and machine.cpu_facts.
 ENV_TAGS = ("python_version", "tensorflow_version", "keras_version", "numpy_version", "platform", "device",
@@ -52,7 +52,7 @@ def fetch_run(client, run_id: str, defaults: Path = Path(PARAMS_FILE)):
     """
     import mlflow
 
-    from imgclf.tracking import TrackingError, run_failure
+    from imgclf.tracking.tracker import TrackingError, run_failure
 
     try:
         run = client.get_run(run_id)
@@ -118,8 +118,8 @@ def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = F
     already (a caller imported it), `restart` (the CLI) starts the command again with that environment."""
     from mlflow.tracking import MlflowClient
 
-    from imgclf.numerics import restart_with_numerics, use_numerics
-    from imgclf.tracking import configure
+    from imgclf.training.numerics import restart_with_numerics, use_numerics
+    from imgclf.tracking.tracker import configure
 
     configure()
     client = MlflowClient()

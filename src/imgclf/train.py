@@ -13,16 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import checkpoint, distribute, early_stopping, families, modelfile, tracking
-from imgclf.callbacks import CollapseDetector, DevMetrics, EpochLossSum, EpochTimer, StopOnNonFiniteLoss, StopOnSignal
-from imgclf.dataset import make_dataset, steps_per_epoch
+from imgclf.files import modelfile
+from imgclf.tracking import tracker as tracking
+from imgclf.training import checkpoint, distribute, early_stopping, families
+from imgclf.training.callbacks import CollapseDetector, DevMetrics, EpochLossSum, EpochTimer, StopOnNonFiniteLoss, StopOnSignal
+from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
 from imgclf.errors import deferred_interrupts, raise_if_interrupted
-from imgclf.files import atomic_write, write_json
+from imgclf.files.atomic import atomic_write, write_json
 from imgclf.metrics import HISTORY_COLUMNS
-from imgclf.numerics import precision_policy, seed_everything, use_numerics
-from imgclf.paths import (CHECKPOINT_DIR, HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, RUN_INFO,
+from imgclf.training.numerics import precision_policy, seed_everything, use_numerics
+from imgclf.files.paths import (CHECKPOINT_DIR, HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, RUN_INFO,
                           TRAIN_SUMMARY)
-from imgclf.prepared import load_prepared
+from imgclf.files.prepared_reader import load_prepared
 
 
 def build_compiled(params: dict, num_classes: int, strategy, x_train: np.ndarray):

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from imgclf.distribute import tf_config
+from imgclf.training.distribute import tf_config
 from imgclf.errors import ImgclfError
-from imgclf.exp_queue import pid_running
-from imgclf.files import OS_FIXES
-from imgclf.paths import CHECKPOINT_DIR, MODEL_PATH, PREPARED_DIR, REPORTS_DIR
+from imgclf.experiments.dvc_queue import pid_running
+from imgclf.files.atomic import OS_FIXES
+from imgclf.files.paths import CHECKPOINT_DIR, MODEL_PATH, PREPARED_DIR, REPORTS_DIR
 
 LOCK_FILE = ".imgclf.lock.tmp"   # in the working directory; git ignores `.*.tmp*`
 DVC_LOCK = ".dvc/tmp/lock"       # DVC's repository lock (zc.lockfile: an flock, the holder's pid inside)

@@ -26,10 +26,10 @@ import numpy as np
 import yaml
 
 from imgclf.errors import one_line
-from imgclf.files import atomic_write, write_json
-from imgclf.paths import CHECKPOINT_STATE
+from imgclf.files.atomic import atomic_write, write_json
+from imgclf.files.paths import CHECKPOINT_STATE
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # src/imgclf: this module is in its training/ wing
 DVC_YAML = PACKAGE.parents[1] / "dvc.yaml"  # beside src/ in the repository the package is installed from
 # What reading back a damaged checkpoint, or one of a net the fingerprint did not tell apart, raises.
 UNUSABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile)

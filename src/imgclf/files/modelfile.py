@@ -19,8 +19,8 @@ from typing import Iterator
 import numpy as np
 
 from imgclf.errors import ImgclfError, one_line
-from imgclf.files import atomic_write
-from imgclf.lifecycle import imports_first
+from imgclf.files.atomic import atomic_write
+from imgclf.process import imports_first
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: the same for every member and every run
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgclf.files import sha256_array, sha256_bytes
-from imgclf.images import check_labels, to_uint8_rgb
-from imgclf.sources import REGISTRY, DataSource, Source
+from imgclf.files.atomic import sha256_array, sha256_bytes
+from imgclf.data.images import check_labels, to_uint8_rgb
+from imgclf.data.sources import REGISTRY, DataSource, Source
 
 
 def load_digits_source(data: dict | None = None) -> Source:

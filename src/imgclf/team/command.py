@@ -31,9 +31,9 @@ from typing import IO
 import requests
 
 from imgclf.errors import ImgclfError, exit_code, install_handlers
-from imgclf.lifecycle import leave
+from imgclf.process import leave
 
-# move-in imports TensorFlow (through imgclf.tracking), whose C++ start-up chatter hides our one-line errors.
+# move-in imports TensorFlow (through imgclf.tracking.tracker), whose C++ start-up chatter hides our one-line errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 PG_USER = "imgclf"       # the cluster's superuser: only the MLflow server logs in, with the password in DIR
@@ -368,7 +368,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def move_in(args: argparse.Namespace) -> int:
-    from imgclf import move_in as mover
+    from imgclf.team import move_in as mover
 
     return mover.main(args.source, args.target, args.experiment)
 

@@ -10,7 +10,7 @@ writing and the manifest are the prepare stage's job (prepare.py), the same for 
 
 A source's images are an ndarray, or, for a data set that need not fit in memory, an `Images`: the array's
 shape and dtype, and `decode_into(path, offset, rows, workers)`, which writes those rows' images into the
-file prepare allocated, a few rows at a time, decoded on prepare's worker processes (imgclf.workers), and
+file prepare allocated, a few rows at a time, decoded on prepare's worker processes (imgclf.data.decode_pool), and
 yields how many rows are written, in order. The pixels go from each worker straight to the file: prepare
 only reads them back to hash them. Only the labels are needed to split, so nothing is decoded before
 prepare writes it. Such a source may also give `finish(workers)`: called once
@@ -29,7 +29,7 @@ import numpy as np
 
 from imgclf.errors import DataError
 from imgclf.registry import Registry
-from imgclf.workers import Workers
+from imgclf.data.decode_pool import Workers
 
 
 class Images(Protocol):

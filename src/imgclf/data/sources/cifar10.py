@@ -21,10 +21,10 @@ from typing import Any, Callable
 import numpy as np
 
 from imgclf.errors import DataError, one_line
-from imgclf.files import atomic_write, sha256_file
-from imgclf.images import check_labels, check_pair
-from imgclf.paths import CIFAR10_DEFAULT_PATH
-from imgclf.sources import REGISTRY, DataSource, Source
+from imgclf.files.atomic import atomic_write, sha256_file
+from imgclf.data.images import check_labels, check_pair
+from imgclf.files.paths import CIFAR10_DEFAULT_PATH
+from imgclf.data.sources import REGISTRY, DataSource, Source
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -12,7 +12,7 @@ import mmap
 
 import numpy as np
 
-from imgclf.augment import Augment
+from imgclf.training.augment import Augment
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:

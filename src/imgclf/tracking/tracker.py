@@ -35,10 +35,10 @@ from mlflow.environment_variables import (
 )
 
 from imgclf.errors import ImgclfError, one_line
-from imgclf.files import naming_failed_writes
-from imgclf.machine import cpu_facts
+from imgclf.files.atomic import naming_failed_writes
+from imgclf.training.machine import cpu_facts
 from imgclf.metrics import EPOCH_METRICS
-from imgclf.paths import HISTORY_CSV, LOSS_PNG, MLFLOW_DB, MLRUNS_DIR
+from imgclf.files.paths import HISTORY_CSV, LOSS_PNG, MLFLOW_DB, MLRUNS_DIR
 
 KILLED_BY = (KeyboardInterrupt, SystemExit)
 # What a failing tracking store raises: MLflow's own errors (HTTP failures after the retries come

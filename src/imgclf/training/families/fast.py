@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgclf.augment import FLIPS, Augment
-from imgclf.families import REGISTRY, Family
+from imgclf.training.augment import FLIPS, Augment
+from imgclf.training.families import REGISTRY, Family
 from imgclf.schema import INT, LIST, NUM, Key, finite, one_of, positive_ints
 
 WHITEN_KERNEL = 2           # the whitening conv sees 2x2 patches
@@ -213,7 +213,7 @@ def nesterov(model, params: dict, steps_per_epoch: int):
     """airbench94's Nesterov SGD, converted from its summed loss to Keras' mean loss."""
     import keras
 
-    from imgclf.optimizers import NesterovSGD
+    from imgclf.training.optimizers import NesterovSGD
 
     knobs, cfg = params["model"]["fast"], params["train"]
     kilostep = 1024 * (1 + 1 / (1 - knobs["momentum"]))  # airbench: lr and decay are quoted per 1024 examples
@@ -234,7 +234,7 @@ def muon(model, params: dict, steps_per_epoch: int):
     """
     import keras
 
-    from imgclf.optimizers import Muon
+    from imgclf.training.optimizers import Muon
 
     knobs, cfg = params["model"]["fast"], params["train"]
     rates, batch = knobs["muon"], cfg["batch_size"]
@@ -269,7 +269,7 @@ def augment(params: dict) -> Augment:
 
 
 def callbacks(params: dict, steps_per_epoch: int) -> list:
-    from imgclf.callbacks import Lookahead
+    from imgclf.training.callbacks import Lookahead
 
     every = params["model"]["fast"]["lookahead_every"]
     total = steps_per_epoch * params["train"]["training_epochs"]

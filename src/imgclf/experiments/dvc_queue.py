@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.errors import ImgclfError
-from imgclf.files import write_json
+from imgclf.files.atomic import write_json
 
 POLL_SECONDS = 2.0      # how often DVC's queue status is read
 GRACE_SECONDS = 15.0    # how long "work left but no live worker" may last before we restart or give up

@@ -10,10 +10,10 @@ from typing import Iterator
 import numpy as np
 
 from imgclf.errors import DataError
-from imgclf.files import sha256_bytes
-from imgclf.images import DEFAULT_SIZE, decode_image
-from imgclf.sources import REGISTRY, DataSource, Source, existing_path
-from imgclf.workers import Workers
+from imgclf.files.atomic import sha256_bytes
+from imgclf.data.images import DEFAULT_SIZE, decode_image
+from imgclf.data.sources import REGISTRY, DataSource, Source, existing_path
+from imgclf.data.decode_pool import Workers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 

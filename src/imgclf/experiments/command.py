@@ -14,11 +14,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf import exp_queue
+from imgclf.experiments import dvc_queue as exp_queue
 from imgclf.errors import ImgclfError
-from imgclf.files import atomic_write
-from imgclf.paths import EXPERIMENTS_MD, EXPERIMENTS_PNG, REPORTS_DIR
-from imgclf.tracking import Tracker, repo_root
+from imgclf.files.atomic import atomic_write
+from imgclf.files.paths import EXPERIMENTS_MD, EXPERIMENTS_PNG, REPORTS_DIR
+from imgclf.tracking.tracker import Tracker, repo_root
 
 FAST_EPOCHS = 10  # airbench94 trains 9.9 epochs of 50,000 images; these are whole epochs of the train split
 FAST_MUON_EPOCHS = 8  # airbench94_muon trains 8
@@ -84,7 +84,7 @@ def evaluated(run) -> bool:
     key, so its presence proves nothing: the `evaluated` tag does, or, in runs logged before that tag existed,
     the per-class scores that only evaluate logs."""
     from imgclf.evaluate import PER_CLASS
-    from imgclf.tracking import EVALUATED
+    from imgclf.tracking.tracker import EVALUATED
 
     return run.data.tags.get(EVALUATED) == "true" or any(k.startswith(f"dev_{PER_CLASS}/") for k in run.data.metrics)
 
@@ -93,7 +93,7 @@ def latest_runs(experiment: str, variants: list[str] | None, seeds: list[int] | 
     """{variant: [latest finished and evaluated MLflow run per seed]}, from the tracking store."""
     import mlflow
 
-    from imgclf.tracking import configure
+    from imgclf.tracking.tracker import configure
 
     configure()
     exp = mlflow.get_experiment_by_name(experiment)

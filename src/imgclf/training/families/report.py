@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from imgclf.families import REGISTRY, Family
+from imgclf.training.families import REGISTRY, Family
 from imgclf.schema import BOOL, INT_OR_LIST, LIST, NUM, Key, finite, positive_ints
 
 IMAGE_SHAPE = (32, 32, 3)  # the report's flatten is 2*2*512: four pools of 32x32 images
