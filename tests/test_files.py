@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from imgclf.errors import ImgclfError, Interrupted
-from imgclf.files.atomic import atomic_write, new_temp_dir, read_json, recover_dir, replace_dir, sha256_array, write_json
+from imgclf.files.atomic import atomic_write, read_json, write_json
+from imgclf.files.digests import sha256_array
+from imgclf.files.folders import new_temp_dir, recover_dir, replace_dir
 
 
 def test_atomic_write_keeps_the_suffix_and_leaves_no_temp_file(tmp_path):

@@ -22,8 +22,9 @@ import numpy as np
 
 from imgclf.data import sources
 from imgclf.errors import DataError, one_line
-from imgclf.files.atomic import (array_hasher, naming_failed_writes, new_temp_dir, recover_dir, replace_dir, sha256_bytes,
-                          write_json)
+from imgclf.files.atomic import naming_failed_writes, write_json
+from imgclf.files.digests import array_hasher, sha256_bytes
+from imgclf.files.folders import new_temp_dir, recover_dir, replace_dir
 from imgclf.files.paths import MANIFEST, PREPARED_DIR
 from imgclf.data.sources import Images, Source
 from imgclf.data.decode_pool import Workers

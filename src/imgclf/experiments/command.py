@@ -18,7 +18,8 @@ from imgclf.experiments import dvc_queue as exp_queue
 from imgclf.errors import ImgclfError
 from imgclf.files.atomic import atomic_write
 from imgclf.files.paths import EXPERIMENTS_MD, EXPERIMENTS_PNG, REPORTS_DIR
-from imgclf.tracking.tracker import Tracker, repo_root
+from imgclf.files.paths import repo_root
+from imgclf.tracking.tracker import Tracker
 
 FAST_EPOCHS = 10  # airbench94 trains 9.9 epochs of 50,000 images; these are whole epochs of the train split
 FAST_MUON_EPOCHS = 8  # airbench94_muon trains 8

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 PARAMS_FILE = "params.yaml"                           # the one configuration file (validated by config.py)
 
 # prepare -> data/prepared: one .npy per split and array, and the manifest describing them
@@ -30,6 +33,11 @@ CONFUSION_PNG = "confusion_matrix.png"
 EXPERIMENTS_MD = "experiments.md"
 EXPERIMENTS_PNG = "experiments.png"
 
-# The default MLflow store at the repo root (see tracking.py); git and DVC ignore both.
+# The default MLflow store at the repo root (see tracking/); git and DVC ignore both.
 MLFLOW_DB = "mlflow.db"
 MLRUNS_DIR = "mlruns"
+
+
+def repo_root() -> Path:
+    """The project root: DVC_ROOT under `dvc repro`/`dvc exp run`, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import DataError, one_line
-from imgclf.files.atomic import array_hasher
+from imgclf.files.digests import array_hasher
 from imgclf.files.paths import MANIFEST, PREPARED_DIR, SPLITS
 
 READ_BYTES = 1 << 20  # the digest check reads the file through this buffer, never through the map

@@ -38,7 +38,7 @@ from imgclf.errors import ImgclfError, one_line
 from imgclf.files.atomic import naming_failed_writes
 from imgclf.training.machine import cpu_facts
 from imgclf.metrics import EPOCH_METRICS
-from imgclf.files.paths import HISTORY_CSV, LOSS_PNG, MLFLOW_DB, MLRUNS_DIR
+from imgclf.files.paths import HISTORY_CSV, LOSS_PNG, MLFLOW_DB, MLRUNS_DIR, repo_root
 
 KILLED_BY = (KeyboardInterrupt, SystemExit)
 # What a failing tracking store raises: MLflow's own errors (HTTP failures after the retries come
@@ -60,11 +60,6 @@ class TrackingError(ImgclfError):
 
 RESUME = "rerun: training resumes from its last checkpoint"
 EVALUATED = "evaluated"  # tag set by `evaluate` once a run holds its final scores: the experiments table counts these
-
-
-def repo_root() -> Path:
-    """The project root: DVC_ROOT under `dvc repro`/`dvc exp run`, else the working directory."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 def tracking_uri() -> tuple[str, bool]:
@@ -661,4 +656,3 @@ def log_keras_model(model, register_as: str | None) -> None:
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
     mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements,
                            registered_model_name=register_as)
-

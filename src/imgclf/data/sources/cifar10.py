@@ -21,7 +21,8 @@ from typing import Any, Callable
 import numpy as np
 
 from imgclf.errors import DataError, one_line
-from imgclf.files.atomic import atomic_write, sha256_file
+from imgclf.files.atomic import atomic_write
+from imgclf.files.digests import sha256_file
 from imgclf.data.images import check_labels, check_pair
 from imgclf.files.paths import CIFAR10_DEFAULT_PATH
 from imgclf.data.sources import REGISTRY, DataSource, Source

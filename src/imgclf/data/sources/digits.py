@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgclf.files.atomic import sha256_array, sha256_bytes
+from imgclf.files.digests import sha256_array, sha256_bytes
 from imgclf.data.images import check_labels, to_uint8_rgb
 from imgclf.data.sources import REGISTRY, DataSource, Source
 

@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from imgclf.errors import DataError
-from imgclf.files.atomic import sha256_bytes
+from imgclf.files.digests import sha256_bytes
 from imgclf.data.images import DEFAULT_SIZE, decode_image
 from imgclf.data.sources import REGISTRY, DataSource, Source, existing_path
 from imgclf.data.decode_pool import Workers

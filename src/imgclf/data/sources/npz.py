@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import DataError, one_line
-from imgclf.files.atomic import sha256_file
+from imgclf.files.digests import sha256_file
 from imgclf.data.images import DEFAULT_SIZE, check_labels, check_pair, to_uint8_rgb
 from imgclf.data.sources import REGISTRY, DataSource, Source, existing_path
 
