@@ -18,7 +18,7 @@ from imgclf.training import checkpoint
 from imgclf.training.callbacks import CollapseDetector, Lookahead
 from imgclf.training.distribute import make_strategy
 from imgclf.training.early_stopping import make
-from imgclf.tracking.tracker import NullRun
+from imgclf.tracking.runs import NullRun
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 

@@ -19,7 +19,7 @@ from imgclf.data.images import load_image
 from imgclf.training.machine import cpu_facts
 from imgclf.files.modelfile import load as load_model
 from imgclf.predict import softmax
-from imgclf.tracking.tracker import flatten
+from imgclf.tracking.context import flatten
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ import pytest
 
 from imgclf import errors, train
 from imgclf.errors import Interrupted, deferred_interrupts
-from imgclf.tracking.tracker import NullRun
+from imgclf.tracking.runs import NullRun
 
 
 @pytest.fixture(autouse=True)

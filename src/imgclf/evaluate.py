@@ -74,7 +74,7 @@ def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str]
     run named `name`); then the `evaluated` tag, which is what tells these final scores from training's."""
     import mlflow
 
-    from imgclf.tracking.tracker import EVALUATED
+    from imgclf.tracking.context import EVALUATED
 
     with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name):
         mlflow.log_metrics(final_metrics(results, classes), step=train["epochs_run"])
@@ -93,7 +93,8 @@ def training_run_id(reports_dir: Path, train: dict) -> str | None:
 def evaluate(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
              reports_dir: str | Path = REPORTS_DIR) -> dict:
     """Score the trained model on dev (and test) under evaluate.tta, write metrics and plots, close the MLflow run."""
-    from imgclf.tracking.tracker import Tracker, run_name
+    from imgclf.tracking.context import run_name
+    from imgclf.tracking.tracker import Tracker
 
     reports_dir, tta = Path(reports_dir), params["evaluate"]["tta"]
     trained = read_json(reports_dir / TRAIN_SUMMARY, "training summary")

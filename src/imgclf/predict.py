@@ -18,7 +18,8 @@ def load_run_model(run_id: str):
     """The Keras model logged on an MLflow run, and the class names from its data manifest."""
     import mlflow
 
-    from imgclf.tracking.tracker import configure, run_failure
+    from imgclf.tracking.failures import run_failure
+    from imgclf.tracking.store import configure
 
     configure()
     try:

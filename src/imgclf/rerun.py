@@ -52,7 +52,7 @@ def fetch_run(client, run_id: str, defaults: Path = Path(PARAMS_FILE)):
     """
     import mlflow
 
-    from imgclf.tracking.tracker import TrackingError, run_failure
+    from imgclf.tracking.failures import TrackingError, run_failure
 
     try:
         run = client.get_run(run_id)
@@ -119,7 +119,7 @@ def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = F
     from mlflow.tracking import MlflowClient
 
     from imgclf.training.numerics import restart_with_numerics, use_numerics
-    from imgclf.tracking.tracker import configure
+    from imgclf.tracking.store import configure
 
     configure()
     client = MlflowClient()

@@ -85,7 +85,7 @@ def evaluated(run) -> bool:
     key, so its presence proves nothing: the `evaluated` tag does, or, in runs logged before that tag existed,
     the per-class scores that only evaluate logs."""
     from imgclf.evaluate import PER_CLASS
-    from imgclf.tracking.tracker import EVALUATED
+    from imgclf.tracking.context import EVALUATED
 
     return run.data.tags.get(EVALUATED) == "true" or any(k.startswith(f"dev_{PER_CLASS}/") for k in run.data.metrics)
 
@@ -94,7 +94,7 @@ def latest_runs(experiment: str, variants: list[str] | None, seeds: list[int] | 
     """{variant: [latest finished and evaluated MLflow run per seed]}, from the tracking store."""
     import mlflow
 
-    from imgclf.tracking.tracker import configure
+    from imgclf.tracking.store import configure
 
     configure()
     exp = mlflow.get_experiment_by_name(experiment)

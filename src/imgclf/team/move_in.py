@@ -145,7 +145,8 @@ def main(source: str, target: str | None, experiments: list[str]) -> int:
     check_source(source)
     from mlflow.tracking import MlflowClient
 
-    from imgclf.tracking.tracker import configure, store_errors  # after the checks: it imports TensorFlow (seconds)
+    from imgclf.tracking.failures import store_errors
+    from imgclf.tracking.store import configure
 
     os.environ["MLFLOW_TRACKING_URI"] = target
     configure()  # bounded HTTP retries; one line when the server does not answer
