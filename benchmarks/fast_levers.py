@@ -38,7 +38,7 @@ CONFIGS = {
 def load_params(config: str, extra: dict) -> dict:
     """params.yaml with the configuration's preset, its own overrides and `extra`."""
     from imgclf.config import load_params as load
-    from imgclf.experiments.command import PRESETS
+    from imgclf.experiments.presets import PRESETS
 
     preset, own = CONFIGS[config]
     sets = PRESETS[preset].overrides | own | extra
@@ -72,7 +72,7 @@ def child(config: str, images: int, epochs: int) -> dict:
 def throughput(images: int, repeats: int, epochs: int, configs: list[str]) -> None:
     """Interleaved runs of each configuration (`fast` first: the others are compared with it); the table of
     medians and projected training times."""
-    from imgclf.experiments.command import PRESETS
+    from imgclf.experiments.presets import PRESETS
 
     rates: dict[str, list[float]] = {c: [] for c in ["fast", *(c for c in configs if c != "fast")]}
     for i in range(repeats):

@@ -49,7 +49,7 @@ def child(preset: str, mode: str, epochs: int) -> dict:
 
     use_numerics(mode)  # before anything imports TensorFlow, as `imgclf train` does
     from imgclf.config import load_params
-    from imgclf.experiments.command import PRESETS
+    from imgclf.experiments.presets import PRESETS
 
     sets = PRESETS["fast"].overrides if preset == "fast" else {}
     sets |= {"train.training_epochs": epochs, "train.numerics": mode}

@@ -51,7 +51,7 @@ DEFAULT = ("fast-muon", "fast-float32")  # what runs without --only: the compari
 
 def overrides(config: str) -> dict:
     """The params overrides of one configuration: its preset's, then its own."""
-    from imgclf.experiments.command import PRESETS
+    from imgclf.experiments.presets import PRESETS
 
     preset, own, _ = RUNS[config]
     return (PRESETS[preset].overrides if preset else {}) | own

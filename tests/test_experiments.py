@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, TINY, finished_runs, kill_processes_in, pipeline_env, run, set_args, wait_until
 from conftest import store_in, write_params
 from imgclf.config import apply_overrides, validate
-from imgclf.experiments.command import PRESETS, REPORT_VARIANTS, latest_runs, markdown, summarize
+from imgclf.experiments.presets import PRESETS, REPORT_VARIANTS
+from imgclf.experiments.table import latest_runs, markdown, summarize
 from imgclf.training.families.report import build_model
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

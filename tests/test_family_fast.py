@@ -258,7 +258,7 @@ def test_bad_fast_settings_are_refused_in_one_line(sets, culprit):
 
 def test_the_fast_muon_preset_is_airbench94_muons_recipe():
     from imgclf.config import apply_overrides, validate
-    from imgclf.experiments.command import PRESETS, REPORT_VARIANTS
+    from imgclf.experiments.presets import PRESETS, REPORT_VARIANTS
 
     sets = [f"{k}={v}" for k, v in PRESETS["fast_muon"].overrides.items()]
     params = validate(apply_overrides(copy.deepcopy(PARAMS), sets))
