@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY, pipeline_env, run, set_args
 from imgclf import rerun
-from imgclf.training.machine import cpu_facts
+from imgclf.training.numerics import cpu_facts
 from imgclf.training.numerics import NUMERICS_ENV
 
 # What a fresh process reports: the mode's variables as TensorFlow sees them, and whether oneDNN's ops are on.

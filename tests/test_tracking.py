@@ -16,7 +16,7 @@ from conftest import REPO, TINY, UNTIL_INTERRUPTED, finished_runs, free_port, pi
 from conftest import wait_for_metric
 from imgclf.training.early_stopping import make as early_stopping
 from imgclf.data.images import load_image
-from imgclf.training.machine import cpu_facts
+from imgclf.training.numerics import cpu_facts
 from imgclf.files.modelfile import load as load_model
 from imgclf.predict import softmax
 from imgclf.tracking.context import flatten

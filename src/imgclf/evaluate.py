@@ -12,6 +12,7 @@ import numpy as np
 from imgclf.files import modelfile
 from imgclf.files.atomic import atomic_write, read_json, write_json
 from imgclf.metrics import classification_metrics
+from imgclf.tracking.context import PER_CLASS
 from imgclf.files.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDICTIONS, METRICS_JSON, MODEL_PATH,
                           PREPARED_DIR, REPORTS_DIR, RUN_INFO, TRAIN_SUMMARY)
 from imgclf.files.prepared_reader import load_prepared
@@ -20,7 +21,6 @@ from imgclf.tta import predict_logits
 SUMMARY_KEYS = ("f1_macro", "accuracy", "loss", "count")
 TRAIN_KEYS = ("epochs_run", "early_stopped", "stopped_epoch", "best_epoch", "best_loss", "collapsed",
               "stop_reason")
-PER_CLASS = "f1_per_class"  # MLflow groups `dev_f1_per_class/<class>` in a chart section of its own
 
 
 def plot_confusion(results: dict, classes: list[str], path: Path) -> None:

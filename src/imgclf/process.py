@@ -1,4 +1,5 @@
-"""A command process's start and end, kept cheap for the garbage collector.
+"""Processes: a command's own start and end, kept cheap for the garbage collector; whether another process is
+alive (one check for every module that asks); the last line a child process wrote.
 
 Importing Keras (with TensorFlow, scikit-learn and matplotlib) and MLflow makes ~600,000 objects that live
 as long as the process. Python's collector walks all of them again at each full collection while they
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 
@@ -44,3 +47,28 @@ def leave(code: int) -> int:
     """
     gc.freeze()
     return code
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine is alive. A zombie nobody reaped counts as dead; another user's
+    process, and a pid that names no single process (0 or less), count as alive: a live writer is never taken
+    for a dead one."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): trust kill(0)
+        return True
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a child process's output or log, stripped ('' when there is none), for
+    one-line errors."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""

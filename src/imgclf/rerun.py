@@ -11,11 +11,11 @@ import yaml
 from imgclf.config import parse_yaml, validate
 from imgclf.errors import ImgclfError
 from imgclf.process import imports_first
-from imgclf.training.machine import ONEDNN_SWITCHES
+from imgclf.training.numerics import ONEDNN_SWITCHES
 from imgclf.files.paths import PARAMS_FILE, PREPARED_DIR
 from imgclf.files.prepared_reader import load_prepared
 
-# Tags whose difference explains a DIFF: see tracking.environment_tags and machine.cpu_facts.
+# Tags whose difference explains a DIFF: see tracking.context.environment_tags and training.numerics.cpu_facts.
 ENV_TAGS = ("python_version", "tensorflow_version", "keras_version", "numpy_version", "platform", "device",
             "numerics", "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES), "cpu_count", "tf_intra_op_threads",
             "tf_inter_op_threads")

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgclf import process
 from imgclf.errors import ImgclfError
 from imgclf.files.atomic import write_json
 
@@ -56,7 +57,7 @@ def dvc_command() -> str:
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
-    return ((proc.stderr or "").strip().splitlines() or (proc.stdout or "").strip().splitlines() or ["no output"])[-1]
+    return process.last_line(proc.stderr or "") or process.last_line(proc.stdout or "") or "no output"
 
 
 def enqueue(root: Path, job: Job) -> None:
@@ -88,21 +89,7 @@ def process_state(info_file: Path) -> str | None:
         return None
     if info.get("returncode") is not None:
         return "ended"
-    return "running" if pid_running(int(info["pid"])) else "died"
-
-
-def pid_running(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie that nobody reaped counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (macOS): trust kill(0)
-        return True
+    return "running" if process.pid_alive(int(info["pid"])) else "died"
 
 
 class DvcQueue:

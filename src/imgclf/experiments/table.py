@@ -17,8 +17,7 @@ def evaluated(run) -> bool:
     """Whether `evaluate` logged the run's final scores. Training logs `dev_f1_macro` per epoch under the same
     key, so its presence proves nothing: the `evaluated` tag does, or, in runs logged before that tag existed,
     the per-class scores that only evaluate logs."""
-    from imgclf.evaluate import PER_CLASS
-    from imgclf.tracking.context import EVALUATED
+    from imgclf.tracking.context import EVALUATED, PER_CLASS
 
     return run.data.tags.get(EVALUATED) == "true" or any(k.startswith(f"dev_{PER_CLASS}/") for k in run.data.metrics)
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from imgclf.errors import OS_FIXES, ImgclfError, one_line
+from imgclf.errors import ImgclfError, reason_and_fix
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -68,7 +68,7 @@ def write_failure(path: Path, exc: BaseException) -> WriteError | None:
     """One line for a failed write of output `path` (the output, not its temp file), or None if not an I/O error."""
     full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(_FULL_DISK.search(str(exc)))
     if isinstance(exc, OSError) and not full:
-        reason, fix = exc.strerror or one_line(exc), OS_FIXES.get(exc.errno, "fix it")
+        reason, fix = reason_and_fix(exc)
     elif full:
         reason, fix = "No space left on device", "free disk space"
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from imgclf.errors import deferred_interrupts
 from imgclf.files.atomic import _umask
+from imgclf.process import pid_alive
 
 
 def new_temp_dir(dest: str | Path) -> Path:
@@ -53,15 +54,7 @@ def replace_dir(tmp: Path, dest: str | Path) -> Path:
 
 def _alive(pid: int) -> bool:
     """Whether another process has this pid (ours is reused from a gone one: containers restart pids)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def recover_dir(dest: str | Path) -> None:

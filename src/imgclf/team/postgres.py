@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from imgclf.process import last_line
 from imgclf.team.supervise import Service, TeamDir, TeamError, wait_for
 
 
@@ -89,7 +90,7 @@ def ensure_cluster(team: TeamDir, account: pwd.struct_passwd | None) -> bool:
     finally:
         os.unlink(pwfile)
     if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        reason = last_line(done.stderr) or "no output"
         raise TeamError(f"initdb {team.pgdata} failed ({reason}); fix that and start again")
     return True
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgclf import process
 from imgclf.errors import ImgclfError
 
 
@@ -84,10 +85,10 @@ def free_port() -> int:
 def last_line(path: Path) -> str:
     """The last non-empty line of a log, for one-line errors."""
     try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        text = path.read_text(errors="replace")
     except OSError:
         return "no log"
-    return lines[-1][:300] if lines else "no output"
+    return process.last_line(text)[:300] or "no output"
 
 
 def wait_for(service: Service, ready, timeout: float) -> None:

@@ -11,10 +11,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from imgclf.training.machine import cpu_facts
+from imgclf.training.numerics import cpu_facts
 
 
 EVALUATED = "evaluated"  # tag set by `evaluate` once a run holds its final scores: the experiments table counts these
+PER_CLASS = "f1_per_class"  # MLflow groups `dev_f1_per_class/<class>` in a chart section of its own
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,8 @@ import socket
 
 import mlflow
 
+from imgclf.process import pid_alive
+
 
 def owner_tags() -> dict[str, str]:
     """The process writing a run, so that a later run can tell a run left RUNNING by a kill -9 from a live one."""
@@ -20,15 +22,7 @@ def owner_tags() -> dict[str, str]:
 
 def _process_gone(pid: str) -> bool:
     """Whether no process `pid` exists on this machine (False when unsure: never end a live run)."""
-    if not pid.isdigit() or int(pid) <= 0:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: it exists, under another user
-        return False
-    return False
+    return pid.isdigit() and not pid_alive(int(pid))
 
 
 def end_if_orphan(client, run, me: dict[str, str]) -> None:

@@ -62,6 +62,17 @@ def _check_tf_config() -> None:
         )
 
 
+def chief_by_tf_config() -> bool:
+    """Whether TF_CONFIG makes this process the chief, before any strategy exists (the workspace lock is taken
+    first): the `chief` task, else worker 0 of a cluster without one; True without a multi-worker TF_CONFIG.
+    is_chief(strategy) is TensorFlow's answer to the same question once the strategy runs."""
+    config = tf_config()
+    if config is None:
+        return True
+    cluster, task = config
+    return task.get("type") == "chief" or ("chief" not in cluster and task.get("index") == 0)
+
+
 def is_chief(strategy) -> bool:
     """True for the one process that writes outputs: always, except on non-chief multi-workers."""
     return bool(strategy.extended.should_checkpoint)

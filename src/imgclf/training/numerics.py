@@ -1,11 +1,19 @@
-"""What decides the numbers a training run computes: the kernels TensorFlow picks (train.numerics), seeds,
-op determinism, TF32 and mixed precision."""
+"""What decides the numbers a training run computes: the kernels TensorFlow picks (train.numerics) and the CPU
+facts they depend on, seeds, op determinism, TF32 and mixed precision. The one owner of the oneDNN switches.
+
+TensorFlow's CPU convolutions and matmuls go through oneDNN, which picks its kernels at run time from the
+CPU's instruction sets (AVX2, AVX-512, AVX-512 BF16, AMX), and different kernels sum in different orders.
+So the CPU model and those flags belong next to the library versions on every run (cpu_facts): two runs that
+differ there can differ in their weights with nothing else changed.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
+from pathlib import Path
 
 from imgclf.errors import ImgclfError
 
@@ -24,6 +32,31 @@ NUMERICS_ENV = {
                  "ONEDNN_MAX_CPU_ISA": "AVX2",
                  "TF_NUM_INTRAOP_THREADS": PORTABLE_THREADS, "TF_NUM_INTEROP_THREADS": PORTABLE_THREADS},
 }
+
+# The flags that decide which oneDNN kernels run, oldest first.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# Environment switches that change which kernels run or how work is split: those `portable` sets (recorded on
+# every run when set).
+ONEDNN_SWITCHES = tuple(NUMERICS_ENV["portable"])
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # not Linux, or hidden: the facts say unknown
+        return ""
+
+
+def cpu_facts(cpuinfo: str | None = None) -> dict[str, str]:
+    """{'cpu_model': ..., 'cpu_isa': 'avx2 avx512f ...'} from /proc/cpuinfo (or `cpuinfo`), plus any oneDNN
+    switch set in the environment; 'unknown' where the file says nothing."""
+    lines = (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    isa = " ".join(f for f in ISA_FLAGS if f in flags) if flags else "unknown"
+    switches = {name.lower(): os.environ[name] for name in ONEDNN_SWITCHES if name in os.environ}
+    return {"cpu_model": model, "cpu_isa": isa or "none of " + "/".join(ISA_FLAGS), **switches}
 
 def numerics_ready(mode: str) -> bool:
     """Whether this process's TensorFlow runs (or will run) with `mode`'s kernels."""
