@@ -72,15 +72,9 @@ def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str]
                   reports_dir: Path, name: str) -> None:
     """Final metrics at the last epoch's step and the reports, into the run that trained the model (or a new
     run named `name`); then the `evaluated` tag, which is what tells these final scores from training's."""
-    import mlflow
-
-    from imgclf.tracking.context import EVALUATED
-
-    with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name):
-        mlflow.log_metrics(final_metrics(results, classes), step=train["epochs_run"])
-        for report in (CONFUSION_PNG, METRICS_JSON, CLASSIFICATION_REPORT):
-            mlflow.log_artifact(str(reports_dir / report))
-        mlflow.set_tag(EVALUATED, "true")
+    with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name) as run:
+        run.log_final(final_metrics(results, classes), train["epochs_run"],
+                      [reports_dir / report for report in (CONFUSION_PNG, METRICS_JSON, CLASSIFICATION_REPORT)])
 
 
 def training_run_id(reports_dir: Path, train: dict) -> str | None:

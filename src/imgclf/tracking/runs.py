@@ -1,5 +1,6 @@
 """What each stage logs into its MLflow run: TrainingRun (start facts, per-epoch metrics, the end of training and
-the model), NullRun for a non-chief multi-worker, and the helpers they share."""
+the model), NullRun for a non-chief multi-worker, EvaluationRun (the final scores and reports), and the helpers
+they share. Tracker (tracker.py) opens and ends the runs; these only log into the active one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import yaml
 from imgclf.files.atomic import naming_failed_writes
 from imgclf.files.paths import HISTORY_CSV, LOSS_PNG
 from imgclf.metrics import EPOCH_METRICS
-from imgclf.tracking.context import environment_tags, lineage_tags, run_params
+from imgclf.tracking.context import EVALUATED, environment_tags, lineage_tags, run_params
 from imgclf.tracking.store import after_lost_race, store_lock
 
 
@@ -75,6 +76,21 @@ class TrainingRun:
             for name in (HISTORY_CSV, LOSS_PNG):
                 mlflow.log_artifact(str(reports_dir / name))
             log_keras_model(model, self.register_as)
+
+
+class EvaluationRun:
+    """What `evaluate` logs into its run (the training run reopened, or its own; see Tracker.evaluation_run)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_final(self, metrics: dict[str, float], step: int, reports: list[Path]) -> None:
+        """The final scores at the last epoch's step and the reports; then the `evaluated` tag, which is what
+        tells these final scores from training's per-epoch ones."""
+        mlflow.log_metrics(metrics, step=step)
+        for path in reports:
+            mlflow.log_artifact(str(path))
+        mlflow.set_tag(EVALUATED, "true")
 
 
 def artifacts_written() -> contextlib.AbstractContextManager:

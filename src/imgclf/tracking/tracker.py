@@ -21,7 +21,7 @@ from imgclf.files.paths import MLRUNS_DIR, repo_root
 from imgclf.tracking.context import run_name, run_params
 from imgclf.tracking.failures import STORE_FAILURES, TrackingError, run_failure, store_errors, store_failure, unreachable
 from imgclf.tracking.orphans import claim, end_if_orphan, owner_tags
-from imgclf.tracking.runs import NullRun, TrainingRun, artifacts_written
+from imgclf.tracking.runs import EvaluationRun, NullRun, TrainingRun, artifacts_written
 from imgclf.tracking.store import after_lost_race, configure, store_lock
 
 KILLED_BY = (KeyboardInterrupt, SystemExit)
@@ -152,7 +152,8 @@ class Tracker:
             end_if_orphan(client, run, me)
 
     @contextlib.contextmanager
-    def evaluation_run(self, run_id: str | None, weights_sha256: str, tta: str, name: str) -> Iterator[str]:
+    def evaluation_run(self, run_id: str | None, weights_sha256: str, tta: str,
+                       name: str) -> Iterator[EvaluationRun]:
         """The run that trained this model, reopened for its evaluation; it ends FINISHED, FAILED or KILLED.
 
         A new run named `name` (tagged `evaluation_of` and `weights_sha256`) instead when this machine has no
@@ -173,7 +174,7 @@ class Tracker:
                 mlflow.set_tags({"weights_sha256": weights_sha256, "evaluation_of": run_id or "unknown"})
                 mlflow.log_param("evaluate.tta", tta)
             with artifacts_written():
-                yield mlflow.active_run().info.run_id
+                yield EvaluationRun(mlflow.active_run().info.run_id)
 
     @staticmethod
     def _evaluates_as_trained(run_id: str | None, tta: str) -> bool:
