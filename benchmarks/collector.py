@@ -1,4 +1,4 @@
-"""The CPU an `imgclf` command spends in Python's garbage collector: with imgclf.lifecycle against without.
+"""The CPU an `imgclf` command spends in Python's garbage collector: with imgclf.process against without.
 
 Importing Keras (with TensorFlow) and MLflow makes ~600,000 long-lived objects, and Python's collector walks
 them at each full collection while they pile up and again at exit. The commands import them with the

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cpu_header() -> str:
     """The CPU model and the ISA flags that decide oneDNN's kernels (and bf16's speed), for every table header."""
-    from imgclf.machine import cpu_facts
+    from imgclf.training.numerics import cpu_facts
 
     facts = cpu_facts()
     return f"CPU: {facts['cpu_model']}, {os.cpu_count()} cores, flags: {facts['cpu_isa']}"

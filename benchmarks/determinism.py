@@ -23,9 +23,9 @@ def child(deterministic: bool, images: int, epochs: int) -> None:
     import tensorflow as tf
     import yaml
 
-    from imgclf.dataset import make_dataset, steps_per_epoch
-    from imgclf.families.report import build_model, compile_model
-    from imgclf.sources.digits import load_digits_source
+    from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
+    from imgclf.training.families.report import build_model, compile_model
+    from imgclf.data.sources.digits import load_digits_source
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     keras.utils.set_random_seed(params["seed"])

@@ -3,7 +3,7 @@ presets and of fast_muon with one lever changed (batch 1024 instead of 2000, mix
 whether XLA keeps reruns bit-identical.
 
 Throughput: each configuration trains the real net (imgclf.train.build_compiled, the family's augmentation,
-imgclf.dataset.make_dataset, op determinism as `imgclf train` sets it) on the first --images training images
+imgclf.training.input_pipeline.make_dataset, op determinism as `imgclf train` sets it) on the first --images training images
 of the lossless CIFAR-10 PNGs (prepared by benchmarks/time_to_accuracy.py), in a fresh process; the first
 epoch (tracing) is not timed. Configurations are interleaved and repeated, so load from other processes hits
 each alike; medians. The projected training time is the preset's epochs x 45,000 images / images/s: the time
@@ -38,7 +38,7 @@ CONFIGS = {
 def load_params(config: str, extra: dict) -> dict:
     """params.yaml with the configuration's preset, its own overrides and `extra`."""
     from imgclf.config import load_params as load
-    from imgclf.experiments import PRESETS
+    from imgclf.experiments.presets import PRESETS
 
     preset, own = CONFIGS[config]
     sets = PRESETS[preset].overrides | own | extra
@@ -48,13 +48,13 @@ def load_params(config: str, extra: dict) -> dict:
 def child(config: str, images: int, epochs: int) -> dict:
     """Train `config` for `epochs` on the first `images` training images; images/s after the first epoch and
     the weights' sha256."""
-    from imgclf.dataset import make_dataset, steps_per_epoch
-    from imgclf.distribute import make_strategy
-    from imgclf.families import REGISTRY
-    from imgclf.numerics import seed_everything
-    from imgclf.prepared import load_prepared
-    from imgclf.modelfile import weights_sha256
+    from imgclf.files.modelfile import weights_sha256
+    from imgclf.files.prepared_reader import load_prepared
     from imgclf.train import build_compiled
+    from imgclf.training.distribute import make_strategy
+    from imgclf.training.families import REGISTRY
+    from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
+    from imgclf.training.numerics import seed_everything
 
     params = load_params(config, {"train.training_epochs": epochs})
     cfg = params["train"]
@@ -73,7 +73,7 @@ def child(config: str, images: int, epochs: int) -> dict:
 def throughput(images: int, repeats: int, epochs: int, configs: list[str]) -> None:
     """Interleaved runs of each configuration (`fast` first: the others are compared with it); the table of
     medians and projected training times."""
-    from imgclf.experiments import PRESETS
+    from imgclf.experiments.presets import PRESETS
 
     rates: dict[str, list[float]] = {c: [] for c in ["fast", *(c for c in configs if c != "fast")]}
     for i in range(repeats):

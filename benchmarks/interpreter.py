@@ -21,7 +21,7 @@ import sysconfig
 from common import REPO, child_env, child_usage, cpu_header, verdict
 
 TARGET = 0.95  # the chosen interpreter must start commands at least 5 % cheaper to be worth a second Python
-IMPORTS = "import imgclf.train, imgclf.evaluate, imgclf.tracking"
+IMPORTS = "import imgclf.train, imgclf.evaluate, imgclf.tracking.tracker"
 
 
 def candidates() -> list[str]:

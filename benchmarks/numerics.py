@@ -45,11 +45,11 @@ MODES = {
 
 def child(preset: str, mode: str, epochs: int) -> dict:
     """One training run in this fresh process; per-epoch seconds and losses from MLflow, the weights hash."""
-    from imgclf.numerics import use_numerics
+    from imgclf.training.numerics import use_numerics
 
     use_numerics(mode)  # before anything imports TensorFlow, as `imgclf train` does
     from imgclf.config import load_params
-    from imgclf.experiments import PRESETS
+    from imgclf.experiments.presets import PRESETS
 
     sets = PRESETS["fast"].overrides if preset == "fast" else {}
     sets |= {"train.training_epochs": epochs, "train.numerics": mode}

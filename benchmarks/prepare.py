@@ -31,7 +31,7 @@ from common import REPO, measure_child, own_peak_rss, verdict
 
 sys.path.insert(0, str(REPO / "src"))
 from imgclf import prepare  # noqa: E402  (after the path: the benchmark runs without installing the package)
-from imgclf.sources import cifar10  # noqa: E402
+from imgclf.data.sources import cifar10  # noqa: E402
 
 IMAGES_PER_BATCH = 10_000
 TIME_TARGET_S, RSS_TARGET = 10.0, 3.0

@@ -354,9 +354,9 @@ def fit_steps(params: dict, x, y, num_classes: int, batch: int, steps: int) -> t
     """What `imgclf train` runs up to its fit, then `steps` steps of it; the model and the timings."""
     import keras
 
-    from imgclf import families
-    from imgclf.dataset import make_dataset, steps_per_epoch
-    from imgclf.distribute import make_strategy
+    from imgclf.training import families
+    from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
+    from imgclf.training.distribute import make_strategy
     from imgclf.train import build_compiled
 
     start = time.perf_counter()
@@ -384,10 +384,10 @@ def child_train(params_file: str, prepared: str, folder: str, image_size: int, b
     import imgclf
 
     params = child_params(params_file, [*folder_overrides(folder, image_size), f"train.batch_size={batch}", *sets])
-    from imgclf.numerics import seed_everything, use_numerics
+    from imgclf.training.numerics import seed_everything, use_numerics
 
     use_numerics(params["train"]["numerics"])  # before TensorFlow loads, as `imgclf train`
-    from imgclf.prepared import load_prepared
+    from imgclf.files.prepared_reader import load_prepared
     from imgclf.tta import predict_logits
 
     cfg = params["train"]
@@ -406,7 +406,7 @@ def child_train(params_file: str, prepared: str, folder: str, image_size: int, b
 def child_cifar(mode: str, x_path: str, y_path: str, batch: int, steps: int, sets: list[str]) -> dict:
     """The fast family on CIFAR-sized arrays, loaded into memory or memory-mapped."""
     params = child_params(str(REPO / "params.yaml"), ["model.arch=fast", f"train.batch_size={batch}", *sets])
-    from imgclf.numerics import seed_everything, use_numerics
+    from imgclf.training.numerics import seed_everything, use_numerics
 
     use_numerics(params["train"]["numerics"])
     seed_everything(params["seed"], params["train"]["jit_compile"], params["train"]["tf32"])
@@ -613,7 +613,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.set)
         return
-    sys.path.insert(0, str(REPO / "src"))  # cpu_header reads imgclf.machine; children get PYTHONPATH instead
+    sys.path.insert(0, str(REPO / "src"))  # cpu_header reads imgclf.training.machine; children get PYTHONPATH instead
     sizes = sorted(float(s) for s in args.sizes.split(","))
     args.workers = args.workers.split(",")
     args.batch = args.batch or default_batch(args.image_size)

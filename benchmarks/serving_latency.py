@@ -36,9 +36,9 @@ def log_models(store: str) -> dict[str, str]:
     """The default net logged once per TTA mode; {tta: model URI}."""
     import mlflow
 
-    from imgclf import families
+    from imgclf.training import families
     from imgclf.config import load_params
-    from imgclf.tracking import log_served_model
+    from imgclf.serving.pyfunc import log_served_model
 
     params = load_params(str(REPO / "params.yaml"), [])
     x = np.zeros((8, 32, 32, 3), np.uint8)

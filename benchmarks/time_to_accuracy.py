@@ -51,7 +51,7 @@ DEFAULT = ("fast-muon", "fast-float32")  # what runs without --only: the compari
 
 def overrides(config: str) -> dict:
     """The params overrides of one configuration: its preset's, then its own."""
-    from imgclf.experiments import PRESETS
+    from imgclf.experiments.presets import PRESETS
 
     preset, own, _ = RUNS[config]
     return (PRESETS[preset].overrides if preset else {}) | own
@@ -123,7 +123,7 @@ def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict
         client = MlflowClient()
         history = {key: {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], key)}
                    for key in ("epoch_seconds", "dev_accuracy", "dev_f1_macro", "loss")}
-        from imgclf import modelfile
+        from imgclf.files import modelfile
 
         macs = forward_macs(modelfile.load(out / "model.keras"))
     epochs = sorted(history["epoch_seconds"])

@@ -40,7 +40,7 @@ def run_content() -> tuple[dict, dict, str, dict]:
     """Params, tags, params.yaml text and a manifest shaped like a real run's (the repo's params.yaml)."""
     import yaml
 
-    from imgclf.tracking import flatten
+    from imgclf.tracking.context import flatten
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     flat = {k: str(v) for k, v in flatten(params).items()}
@@ -61,7 +61,10 @@ def one_run(uri: str, experiment: str, epochs: int, calls: list[float]) -> None:
     """What the pipeline logs for one training run (tracking.Tracker / TrainingRun / EpochLogger)."""
     import mlflow
 
-    from imgclf.tracking import EpochLogger, Tracker, _prepared_dataset, after_lost_race, owner_tags, store_lock
+    from imgclf.tracking.orphans import owner_tags
+    from imgclf.tracking.runs import EpochLogger, _prepared_dataset
+    from imgclf.tracking.store import after_lost_race, store_lock
+    from imgclf.tracking.tracker import Tracker
 
     params, tags, params_yaml, manifest = run_content()
     # The pipeline's own get-or-create of the experiment (configure, the sqlite lock, a lost race recovered).
@@ -162,7 +165,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     args = parser.parse_args()
-    import imgclf.tracking  # noqa: F401  (MLflow and Keras once, here: the forked writers inherit them)
+    import imgclf.tracking.tracker  # noqa: F401  (MLflow and Keras once, here: the forked writers inherit them)
 
     print(cpu_header())
     print(f"{args.runs} run(s) of {args.epochs} epochs per writer, {args.repeats} repeats; medians; "

@@ -2,7 +2,7 @@
 
 Three ways to train the same compiled net (imgclf.train.build_compiled, op determinism on, as in
 `imgclf train`) on the same digits images, each in a fresh process:
-  ours    imgclf.dataset.make_dataset (uint8 arrays, per-epoch stateless shuffle, in-graph gather and
+  ours    imgclf.training.input_pipeline.make_dataset (uint8 arrays, per-epoch stateless shuffle, in-graph gather and
           float cast, prefetch) + model.fit
   bare    model.fit on in-memory float32 arrays (Keras' own array pipeline): the framework's speed
   report  the report's loop: every batch built in Python ([data[i] for i in idx]), the whole one-hot
@@ -31,7 +31,7 @@ TARGETS = {"bare": 0.95, "report": 2.0}  # ours / variant
 
 def fit_ours(model, x, y, params: dict, epochs: int, timer) -> None:
     """What `imgclf train` runs (less the dev-metric and checkpoint callbacks)."""
-    from imgclf.dataset import make_dataset, steps_per_epoch
+    from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
 
     batch = params["train"]["batch_size"]
     model.fit(make_dataset(x, y, batch, params["seed"], 0, epochs), epochs=epochs,
@@ -73,9 +73,9 @@ def fit_report(model, x, y, params: dict, epochs: int, timer) -> None:
 def child(variant: str, images: int, epochs: int, model_overrides: list[str]) -> None:
     """One measurement; prints images/s over the epochs after the first."""
     from imgclf.config import load_params
-    from imgclf.sources.digits import load_digits_source
-    from imgclf.distribute import make_strategy
-    from imgclf.numerics import seed_everything
+    from imgclf.data.sources.digits import load_digits_source
+    from imgclf.training.distribute import make_strategy
+    from imgclf.training.numerics import seed_everything
     from imgclf.train import build_compiled
 
     params = load_params(REPO / "params.yaml", model_overrides)

@@ -2,7 +2,9 @@
 
 A stage's code is its module (`imgclf <stage>` runs `imgclf.<stage>.main`) and every module of the
 package it imports, at any depth, at module level or inside a function. Importing a plug-in package
-(sources/, families/) counts as importing every module in it: its registry loads them all.
+(data/sources/, training/families/: an `__init__.py` that imports imgclf.registry) counts as importing every
+module in it: its registry loads them all. Importing a module of any other sub-package (a wing: files/,
+tracking/, ...) brings that module and the `__init__.py` files above it, not its siblings.
 
     python scripts/imports.py          # the graph, then each stage's closure against dvc.yaml's deps
 """
@@ -48,12 +50,17 @@ def direct_imports(path: Path) -> set[str]:
     return found
 
 
+def plug_in_package(path: Path) -> bool:
+    """Whether `path` is the __init__.py of a plug-in package: it makes a registry, which imports its whole folder."""
+    return path.name == "__init__.py" and f"{PACKAGE}.registry" in direct_imports(path)
+
+
 def expand(module: str) -> set[str]:
-    """A module and the packages above it (importing a.b runs a/__init__); a package brings all its modules."""
+    """A module and the packages above it (importing a.b runs a/__init__); a plug-in package brings all its modules."""
     parts = module.split(".")
     found = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
     path = module_file(module)
-    if path is not None and path.name == "__init__.py" and module != PACKAGE:
+    if path is not None and plug_in_package(path):
         found |= {module_name(p) for p in path.parent.glob("*.py")}
     return found
 

@@ -1,4 +1,4 @@
-"""Training augmentation (imgclf.augment, in imgclf.dataset's pipeline): stateless per (seed, epoch, index)."""
+"""Training augmentation (imgclf.training.augment, in imgclf.training.input_pipeline's pipeline): stateless per (seed, epoch, index)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imgclf.augment import Augment
-from imgclf.dataset import make_dataset
+from imgclf.training.augment import Augment
+from imgclf.training.input_pipeline import make_dataset
 
 N = 40
 IMAGES = np.random.default_rng(0).integers(0, 256, (N, 8, 8, 3), dtype=np.uint8)

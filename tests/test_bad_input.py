@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import copy_trained, error_line, pipeline_env, reaped, run, write_params
 from fakes import Evil, cifar_batch, make_folder, make_npz, md5, save_image, snapshot, write_cifar
-from imgclf.sources.cifar10 import CIFAR10_MD5, CIFAR10_MD5_ENV
+from imgclf.data.sources.cifar10 import CIFAR10_MD5, CIFAR10_MD5_ENV
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""Training callbacks (imgclf.callbacks): the report's summed epoch loss, NaN stops, the collapse detector
+"""Training callbacks (imgclf.training.callbacks): the report's summed epoch loss, NaN stops, the collapse detector
 and the lookahead of the fast family."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from imgclf.callbacks import (CollapseDetector, EpochLossSum, Lookahead, NonFiniteLossError, StopOnNonFiniteLoss,
+from imgclf.training.callbacks import (CollapseDetector, EpochLossSum, Lookahead, NonFiniteLossError, StopOnNonFiniteLoss,
                               one_class_f1)
 from imgclf.metrics import f1_macro
 

@@ -1,4 +1,4 @@
-"""Resumable state (imgclf.checkpoint): one fingerprint per configuration, state.json names its files, every
+"""Resumable state (imgclf.training.checkpoint): one fingerprint per configuration, state.json names its files, every
 stateful callback's state comes back."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from conftest import REPO
-from imgclf import checkpoint, train
-from imgclf.callbacks import CollapseDetector, Lookahead
-from imgclf.distribute import make_strategy
-from imgclf.early_stopping import make
-from imgclf.tracking import NullRun
+from imgclf import train
+from imgclf.training import checkpoint
+from imgclf.training.callbacks import CollapseDetector, Lookahead
+from imgclf.training.distribute import make_strategy
+from imgclf.training.early_stopping import make
+from imgclf.tracking.runs import NullRun
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -45,23 +46,6 @@ def test_the_fingerprint_covers_the_code_and_the_versions_of_the_libraries_that_
     assert checkpoint.fingerprint(PARAMS, "d" * 64, identity) == base
     for key in identity:
         assert checkpoint.fingerprint(PARAMS, "d" * 64, identity | {key: "other"}) != base, key
-
-
-def test_the_code_digest_hashes_the_train_stages_code_that_dvc_yaml_lists(tmp_path):
-    package = tmp_path / "src" / "imgclf"
-    shutil.copytree(REPO / "src" / "imgclf", package, ignore=shutil.ignore_patterns("__pycache__"))
-    dvc_yaml = shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    base = checkpoint.code_digest(package, dvc_yaml)
-    assert base == checkpoint.code_digest()  # where it lies does not count, only the files under the package
-    (package / "evaluate.py").write_text("# not the train stage's code\n")
-    assert checkpoint.code_digest(package, dvc_yaml) == base
-    (package / "families" / "mine.py").write_text("# a new family\n")
-    with_family = checkpoint.code_digest(package, dvc_yaml)
-    (package / "train.py").write_text((package / "train.py").read_text() + "# changed\n")
-    assert len({base, with_family, checkpoint.code_digest(package, dvc_yaml)}) == 3
-    whole = checkpoint.code_digest(package, tmp_path / "absent.yaml")  # no dvc.yaml: every module counts
-    (package / "evaluate.py").write_text("# changed again\n")
-    assert checkpoint.code_digest(package, tmp_path / "absent.yaml") != whole
 
 
 def compiled_model() -> keras.Model:

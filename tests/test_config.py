@@ -9,7 +9,7 @@ import yaml
 
 from conftest import REPO
 from imgclf.config import ConfigError, load_params, validate
-from imgclf.tracking import flatten
+from imgclf.tracking.context import flatten
 
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 

@@ -20,20 +20,20 @@ def test_every_stage_lists_exactly_the_code_it_imports():
 def test_a_missing_module_is_named_with_its_stage(tmp_path):
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     dvc["stages"]["evaluate"]["deps"].remove("src/imgclf/tta.py")
-    dvc["stages"]["prepare"]["deps"].append("src/imgclf/tracking.py")
+    dvc["stages"]["prepare"]["deps"].append("src/imgclf/tracking/tracker.py")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
     assert imports.stage_problems(tmp_path / "dvc.yaml") == [
-        "stage prepare: dvc.yaml lists src/imgclf/tracking.py, which the stage does not import",
+        "stage prepare: dvc.yaml lists src/imgclf/tracking/tracker.py, which the stage does not import",
         "stage evaluate: dvc.yaml misses src/imgclf/tta.py",
     ]
 
 
 def test_the_closure_follows_imports_at_any_depth_and_whole_plug_in_folders():
     train = imports.closure_files("imgclf.train")
-    assert "src/imgclf/optimizers.py" in train  # imported inside a function of families/fast.py
-    assert {"src/imgclf/families/report.py", "src/imgclf/families/fast.py"} <= train
+    assert "src/imgclf/training/optimizers.py" in train  # imported inside a function of families/fast.py
+    assert {"src/imgclf/training/families/report.py", "src/imgclf/training/families/fast.py"} <= train
     prepare = imports.closure_files("imgclf.prepare")
-    assert {f"src/imgclf/sources/{s}.py" for s in ("digits", "cifar10", "folder", "npz")} <= prepare
+    assert {f"src/imgclf/data/sources/{s}.py" for s in ("digits", "cifar10", "folder", "npz")} <= prepare
     assert not any("families" in p or "tracking" in p for p in prepare)
     assert not any("/sources/" in p for p in train | imports.closure_files("imgclf.evaluate"))
 

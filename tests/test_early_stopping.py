@@ -1,4 +1,4 @@
-"""Early stopping (imgclf.early_stopping): the report's rule on hand-written loss sequences, Keras' rule,
+"""Early stopping (imgclf.training.early_stopping): the report's rule on hand-written loss sequences, Keras' rule,
 no rule, all behind one interface, and their checkpointed state."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from imgclf import early_stopping
+from imgclf.training import early_stopping
 from imgclf.config import MONITORS
-from imgclf.early_stopping import ReportEarlyStopping
+from imgclf.training.early_stopping import ReportEarlyStopping
 
 
 def stop_epoch(losses, patience):

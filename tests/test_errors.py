@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from imgclf import errors
-from imgclf.callbacks import StopOnSignal
+from imgclf.training.callbacks import StopOnSignal
 from imgclf.errors import Interrupted, deferred_interrupts, on_interrupt_signal, raise_if_interrupted
 
 

@@ -12,9 +12,10 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, store_in
 from fakes import make_params
-from imgclf import evaluate, modelfile
+from imgclf import evaluate
+from imgclf.files import modelfile
 from imgclf.prepare import prepare
-from imgclf.modelfile import weights_sha256
+from imgclf.files.modelfile import weights_sha256
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 

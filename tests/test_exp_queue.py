@@ -11,8 +11,9 @@ import pytest
 
 from conftest import BIN, wait_until
 from imgclf.errors import ImgclfError
-from imgclf import exp_queue
-from imgclf.exp_queue import DvcQueue, Job, pid_running, process_state, stream_log, update
+from imgclf.experiments import dvc_queue as exp_queue
+from imgclf.experiments.dvc_queue import DvcQueue, Job, process_state, stream_log, update
+from imgclf.process import pid_alive
 
 
 def info_file(path, pid: int, returncode: int | None = None):
@@ -39,7 +40,7 @@ def test_process_state_from_dvc_task_info_files(tmp_path):
 def test_an_unreaped_zombie_is_not_running():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
-        wait_until(lambda: not pid_running(proc.pid), 30, "the child to exit")  # exited, not waited for: a zombie
+        wait_until(lambda: not pid_alive(proc.pid), 30, "the child to exit")  # exited, not waited for: a zombie
         os.kill(proc.pid, 0)  # the pid still exists, so kill(0) alone would call it running
         assert proc.poll() == 0
     finally:

@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, TINY, error_line, finished_runs, kill_processes_in, pipeline_env, run, set_args
 from conftest import store_in, wait_until, write_params
 from imgclf.config import apply_overrides, validate
-from imgclf.experiments import PRESETS, REPORT_VARIANTS, latest_runs, markdown, summarize
-from imgclf.families.report import build_model
+from imgclf.experiments.presets import PRESETS, REPORT_VARIANTS
+from imgclf.experiments.table import latest_runs, markdown, summarize
+from imgclf.training.families.report import build_model
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -178,11 +179,11 @@ def test_unknown_variant_is_refused(tmp_path):
 @pytest.mark.e2e
 def test_an_untracked_source_file_is_refused_before_anything_is_queued(repo_copy):
     """DVC's queue copies tracked and staged changes into an experiment, never untracked files."""
-    (repo_copy / "src/imgclf/families/mine.py").write_text("")
+    (repo_copy / "src/imgclf/training/families/mine.py").write_text("")
     proc = run(["imgclf", "experiments", "--variants", "fast"], repo_copy, check=False)
     assert proc.returncode == 2
     assert error_line(proc.stderr, "experiments") == (
-        "imgclf experiments: error: src/imgclf/families/mine.py: not tracked by git, so DVC's queue would run the "
+        "imgclf experiments: error: src/imgclf/training/families/mine.py: not tracked by git, so DVC's queue would run the "
         "experiments without them; `git add` them (staged files go with a queued experiment) or commit them, "
         "then rerun")
     assert "No experiment tasks in the queue." in run(["dvc", "queue", "status"], repo_copy).stdout

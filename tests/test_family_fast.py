@@ -1,5 +1,5 @@
-"""The fast family (imgclf.families.fast) and what it brings: whitening, dirac init, the net at any size, the
-learning-rate schedule, PyTorch-style Nesterov SGD (imgclf.optimizers) and label smoothing."""
+"""The fast family (imgclf.training.families.fast) and what it brings: whitening, dirac init, the net at any size, the
+learning-rate schedule, PyTorch-style Nesterov SGD (imgclf.training.optimizers) and label smoothing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from imgclf.families import fast
-from imgclf.optimizers import NesterovSGD
+from imgclf.training.families import fast
+from imgclf.training.optimizers import NesterovSGD
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 IMAGES = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -182,7 +182,7 @@ def torch_muon(w_hwio: np.ndarray, grads: list[np.ndarray], lr: float, momentum:
 @pytest.mark.parametrize("ns_dtype, atol", [("float32", 1e-5), ("bfloat16", 0.24 * 3 * 0.03)])
 @pytest.mark.parametrize("shape", [(3, 3, 2, 4), (1, 1, 2, 5)])  # as out x (in·h·w): wide 4 x 18, tall 5 x 2
 def test_muon_orthogonalizes_conv_kernels_like_airbench_and_leaves_the_rest_to_nesterov_sgd(shape, ns_dtype, atol):
-    from imgclf.optimizers import Muon
+    from imgclf.training.optimizers import Muon
 
     rng = np.random.default_rng(5)
     w0 = rng.normal(size=shape).astype(np.float32)
@@ -204,7 +204,7 @@ def test_muon_orthogonalizes_conv_kernels_like_airbench_and_leaves_the_rest_to_n
 
 
 def test_newton_schulz_pushes_singular_values_towards_one():
-    from imgclf.optimizers import orthogonalize
+    from imgclf.training.optimizers import orthogonalize
 
     rng = np.random.default_rng(6)
     u, _ = np.linalg.qr(rng.normal(size=(16, 16)))
@@ -258,7 +258,7 @@ def test_bad_fast_settings_are_refused_in_one_line(sets, culprit):
 
 def test_the_fast_muon_preset_is_airbench94_muons_recipe():
     from imgclf.config import apply_overrides, validate
-    from imgclf.experiments import PRESETS, REPORT_VARIANTS
+    from imgclf.experiments.presets import PRESETS, REPORT_VARIANTS
 
     sets = [f"{k}={v}" for k, v in PRESETS["fast_muon"].overrides.items()]
     params = validate(apply_overrides(copy.deepcopy(PARAMS), sets))

@@ -1,4 +1,4 @@
-"""The report family (imgclf.families.report): exact parameter count, the L2 factor, dropout placement,
+"""The report family (imgclf.training.families.report): exact parameter count, the L2 factor, dropout placement,
 raw-pixel input, its own params keys."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import yaml
 
 from conftest import REPO
 from imgclf.errors import ImgclfError
-from imgclf.families.report import build_model, compile_model
-from imgclf.modelfile import load as load_model
-from imgclf.modelfile import save as save_model
+from imgclf.training.families.report import build_model, compile_model
+from imgclf.files.modelfile import load as load_model
+from imgclf.files.modelfile import save as save_model
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import FAST_TINY, pipeline_env, run, set_args
 from fakes import make_folder, save_image
-from imgclf.images import load_image
-from imgclf.modelfile import load as load_model
+from imgclf.data.images import load_image
+from imgclf.files.modelfile import load as load_model
 from imgclf.tta import softmax
 from imgclf.tta import predict_logits
 

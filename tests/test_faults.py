@@ -87,7 +87,8 @@ def good_store(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("damage", STORES)
 def test_a_damaged_or_foreign_store_is_refused_and_never_modified(damage, good_store, tmp_path):
-    from imgclf.tracking import TrackingError, check_sqlite_store
+    from imgclf.tracking.failures import TrackingError
+    from imgclf.tracking.store import check_sqlite_store
 
     path = tmp_path / "mlflow.db"
     shutil.copy(good_store, path)
@@ -102,7 +103,7 @@ def test_a_damaged_or_foreign_store_is_refused_and_never_modified(damage, good_s
 
 def test_connecting_refuses_a_damaged_default_store_before_mlflow_touches_it(good_store, tmp_path, monkeypatch):
     """What `train`, `evaluate` and `experiments` call first (tracking.configure), on the repo's own store."""
-    from imgclf import tracking
+    from imgclf.tracking import store as tracking
 
     shutil.copy(good_store, tmp_path / "mlflow.db")
     STORES["truncated"][0](tmp_path / "mlflow.db")
@@ -116,7 +117,7 @@ def test_connecting_refuses_a_damaged_default_store_before_mlflow_touches_it(goo
 
 
 def test_a_store_locked_by_another_process_ends_the_bounded_wait_with_one_line(good_store, tmp_path, monkeypatch):
-    from imgclf import tracking
+    from imgclf.tracking import store as tracking
 
     monkeypatch.setattr(tracking, "STORE_BUSY_SECONDS", 1.0)
     path = tmp_path / "mlflow.db"
@@ -334,7 +335,7 @@ def hung_server():
 
 
 def test_a_hung_tracking_server_ends_within_the_documented_bound_in_one_line():
-    from imgclf import tracking
+    from imgclf.tracking import store as tracking
 
     with hung_server() as uri:
         started = time.monotonic()
@@ -410,7 +411,7 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
 def test_a_server_answering_every_try_with_5xx_is_named_failing_not_gone(monkeypatch):
     import mlflow
 
-    from imgclf import tracking
+    from imgclf.tracking import failures as tracking
 
     proxy = FlakyProxy("127.0.0.1:9", fail_first=10**9)  # up, but answers 503 to every request: no upstream used
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
@@ -459,7 +460,7 @@ def test_a_flaky_tracking_server_is_retried_and_every_epoch_metric_is_logged_exa
 # -- 7. kill -9 during `imgclf experiments` (the whole run: scripts/fault_matrix.py) --------------------------------
 
 def test_experiments_a_killed_run_had_queued_are_adopted_not_queued_again(tmp_path):
-    from imgclf.exp_queue import Job, adopt, journal, record
+    from imgclf.experiments.dvc_queue import Job, adopt, journal, record
 
     def grid() -> list[Job]:
         return [Job(f"shallow seed {s}", ["dvc", "exp", "run", "--queue", "-S", f"seed={s}"]) for s in (1, 2, 3)]

@@ -1,4 +1,4 @@
-"""File helpers (imgclf.files): atomic writes that leave nothing half-written, JSON, digests."""
+"""File helpers (imgclf.files.atomic): atomic writes that leave nothing half-written, JSON, digests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from imgclf.errors import ImgclfError, Interrupted
-from imgclf.files import atomic_write, new_temp_dir, read_json, recover_dir, replace_dir, sha256_array, write_json
+from imgclf.files.atomic import atomic_write, read_json, write_json
+from imgclf.files.digests import sha256_array
+from imgclf.files.folders import new_temp_dir, recover_dir, replace_dir
 
 
 def test_atomic_write_keeps_the_suffix_and_leaves_no_temp_file(tmp_path):

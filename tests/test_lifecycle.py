@@ -1,4 +1,4 @@
-"""imgclf.lifecycle: a command's heavy imports run with the garbage collector off and end up frozen out of
+"""imgclf.process: a command's heavy imports run with the garbage collector off and end up frozen out of
 its later collections; the console scripts' exit is tested in test_cli."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from imgclf.lifecycle import imports_first
+from imgclf.process import imports_first
 
 # A module that records whether the collector ran while it was imported, and keeps a cycle of its own.
 MODULE = """

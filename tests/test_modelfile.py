@@ -1,4 +1,4 @@
-"""models/model.keras (imgclf.modelfile): the same bytes for the same model at any time, loaded safely."""
+"""models/model.keras (imgclf.files.modelfile): the same bytes for the same model at any time, loaded safely."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from fakes import damage_weights
 from imgclf.errors import ImgclfError
-from imgclf.modelfile import ZIP_EPOCH, check_round_trip, load, save
+from imgclf.files.modelfile import ZIP_EPOCH, check_round_trip, load, save
 
 
 def tiny_model() -> keras.Model:
@@ -98,8 +98,9 @@ def test_the_round_trip_check_names_the_layer_that_would_not_load(layer, culprit
 
 
 def test_build_compiled_runs_the_round_trip_check_right_after_build(monkeypatch):
-    from imgclf import families, train
-    from imgclf.distribute import make_strategy
+    from imgclf import train
+    from imgclf.training import families
+    from imgclf.training.distribute import make_strategy
 
     def build(params, num_classes, x_train):
         inputs = keras.Input(x_train.shape[1:])
@@ -113,7 +114,7 @@ def test_build_compiled_runs_the_round_trip_check_right_after_build(monkeypatch)
 
 
 def test_a_model_whose_weights_changed_on_disk_is_refused_in_one_line(tmp_path):
-    from imgclf.modelfile import weights_sha256
+    from imgclf.files.modelfile import weights_sha256
 
     model = tiny_model()
     save(model, tmp_path / "m.keras")

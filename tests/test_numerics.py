@@ -1,4 +1,4 @@
-"""train.numerics (imgclf.numerics): portable mode starts TensorFlow without any kernel chosen from the CPU's
+"""train.numerics (imgclf.training.numerics): portable mode starts TensorFlow without any kernel chosen from the CPU's
 instruction sets, so capping oneDNN's ISA no longer changes the weights; a process whose TensorFlow started
 otherwise is refused; `imgclf rerun` of a portable run trains in that mode (set before TensorFlow is imported,
 or by starting the command again once it was)."""
@@ -14,13 +14,13 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY, pipeline_env, run, set_args
 from imgclf import rerun
-from imgclf.machine import cpu_facts
-from imgclf.numerics import NUMERICS_ENV
+from imgclf.training.numerics import cpu_facts
+from imgclf.training.numerics import NUMERICS_ENV
 
 # What a fresh process reports: the mode's variables as TensorFlow sees them, and whether oneDNN's ops are on.
 PROBE = """
 import json, os, sys
-from imgclf.numerics import use_numerics
+from imgclf.training.numerics import use_numerics
 {before}
 use_numerics(sys.argv[1])
 from tensorflow.python.util import _pywrap_util_port
@@ -46,7 +46,7 @@ RESTART = """
 import os, sys, types
 print("started", os.environ.get("TF_ENABLE_ONEDNN_OPTS"), flush=True)
 sys.modules["tensorflow"] = types.ModuleType("tensorflow")  # as if imported: its kernels are chosen
-from imgclf.numerics import restart_with_numerics
+from imgclf.training.numerics import restart_with_numerics
 restart_with_numerics(sys.argv[1])
 print("ready", os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
 """

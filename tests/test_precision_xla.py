@@ -11,9 +11,9 @@ import pytest
 
 from conftest import REPO
 from imgclf.config import load_params
-from imgclf.distribute import make_strategy
-from imgclf.dataset import make_dataset, steps_per_epoch
-from imgclf.numerics import seed_everything
+from imgclf.training.distribute import make_strategy
+from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
+from imgclf.training.numerics import seed_everything
 from imgclf.train import build_compiled
 
 PARAMS = load_params(REPO / "params.yaml", ["model.conv_blocks=[[4], [8]]", "model.dense_units=[16]"])

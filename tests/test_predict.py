@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fakes import save_image
-from imgclf import modelfile, predict
+from imgclf.serving import predict
+from imgclf.files import modelfile
 from imgclf.errors import ImgclfError
 from imgclf.tta import softmax
 
@@ -32,7 +33,7 @@ def test_predict_prints_class_and_probability_at_the_nets_size(tmp_path, monkeyp
     rows = predict.main([str(p) for p in images], model_path=str(tmp_path / "m.keras"), tta=tta)
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
-    from imgclf.images import load_image
+    from imgclf.data.images import load_image
     from imgclf.tta import predict_logits
 
     logits = predict_logits(model, np.stack([load_image(p, 24) for p in images]), tta)
@@ -85,7 +86,7 @@ def test_folders_and_globs_stream_to_a_csv_with_the_top_k_and_a_row_per_bad_imag
                                          "gone.png"]
     assert list(rows[0]) == ["path", "class", "probability", "top1_class", "top1_probability", "top2_class",
                              "top2_probability", "error"]
-    from imgclf.images import load_image
+    from imgclf.data.images import load_image
     from imgclf.tta import predict_logits
 
     probs = softmax(predict_logits(model, np.stack([load_image(p, 16) for p in good])).astype(np.float64))

@@ -22,11 +22,12 @@ from conftest import REPO, pipeline_env, reaped, wait_until
 from fakes import make_folder, make_npz, make_params, save_image, snapshot, write_cifar
 from imgclf import prepare as prepare_stage
 from imgclf.errors import DataError, ImgclfError
-from imgclf.files import WriteError, sha256_array
+from imgclf.files.atomic import WriteError
+from imgclf.files.digests import sha256_array
 from imgclf.prepare import prepare
-from imgclf.sources import folder
-from imgclf.sources.digits import load_digits_source
-from imgclf.workers import Workers
+from imgclf.data.sources import folder
+from imgclf.data.sources.digits import load_digits_source
+from imgclf.data.decode_pool import Workers
 
 REPO_PARAMS = REPO / "params.yaml"
 

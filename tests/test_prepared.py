@@ -1,4 +1,4 @@
-"""Reading data/prepared back (imgclf.prepared): every array checked against the manifest."""
+"""Reading data/prepared back (imgclf.files.prepared_reader): every array checked against the manifest."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from fakes import make_params
-from imgclf import prepared
+from imgclf.files import prepared_reader as prepared
 from imgclf.errors import DataError
 from imgclf.prepare import prepare
-from imgclf.prepared import load_prepared
+from imgclf.files.prepared_reader import load_prepared
 
 
 def test_load_prepared_errors(tmp_path):
@@ -52,7 +52,7 @@ def test_checking_a_split_does_not_bring_it_into_memory(tmp_path):
     del x
     prepare(make_params("npz", str(tmp_path / "big.npz"), image_size=64), out)
     # VmHWM, not ru_maxrss: a fresh process inherits the pytest process's ru_maxrss across exec
-    code = ("import json, re; from pathlib import Path; from imgclf.prepared import load_prepared; "
+    code = ("import json, re; from pathlib import Path; from imgclf.files.prepared_reader import load_prepared; "
             "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text())[1]); "
             f"before = peak(); load_prepared({str(out)!r}); "
             "print(json.dumps([before, peak()]))")

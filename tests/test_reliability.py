@@ -53,7 +53,7 @@ def test_kill_9_during_train_is_not_cached_as_done_and_repro_resumes(repo_copy):
 
 
 def test_http_retries_are_bounded_unless_the_user_chose(mlflow_server, monkeypatch):
-    from imgclf import tracking
+    from imgclf.tracking import store as tracking
 
     for variable in (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR):
         monkeypatch.setenv(variable.name, "")  # recorded, so the teardown restores the session's environment

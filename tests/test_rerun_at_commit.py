@@ -67,11 +67,11 @@ def test_a_rerun_after_the_training_code_changed_trains_at_the_runs_commit_and_t
 def test_a_run_of_uncommitted_code_is_refused_in_one_line(trained, trained_copy):
     client = MlflowClient(f"sqlite:///{trained_copy / 'mlflow.db'}")
     client.set_tag(trained.run_id, "git_dirty", "True")
-    client.set_tag(trained.run_id, "git_dirty_files", "src/imgclf/families/mine.py")
+    client.set_tag(trained.run_id, "git_dirty_files", "src/imgclf/training/families/mine.py")
     proc = run(["imgclf", "rerun", trained.run_id], trained_copy, check=False)
     assert proc.returncode == 2 and "Training" not in proc.stdout
     assert error_line(proc.stderr, "rerun") == (
-        f"imgclf rerun: error: MLflow run {trained.run_id} trained on uncommitted code (src/imgclf/families/mine.py): "
+        f"imgclf rerun: error: MLflow run {trained.run_id} trained on uncommitted code (src/imgclf/training/families/mine.py): "
         f"it cannot be reproduced exactly; `imgclf rerun --current-code {trained.run_id}` retrains it with this "
         "tree's code instead")
 

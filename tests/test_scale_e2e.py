@@ -11,11 +11,12 @@ import pytest
 
 from conftest import REPO, store_in
 from fakes import make_folder, save_image
-from imgclf import evaluate, predict, prepare, train
+from imgclf import evaluate, prepare, train
+from imgclf.serving import predict
 from imgclf.config import load_params
-from imgclf.images import load_image
-from imgclf.modelfile import load as load_model
-from imgclf.prepared import load_prepared
+from imgclf.data.images import load_image
+from imgclf.files.modelfile import load as load_model
+from imgclf.files.prepared_reader import load_prepared
 from imgclf.tta import predict_logits, softmax
 
 pytestmark = pytest.mark.e2e

@@ -18,9 +18,9 @@ import requests
 
 from conftest import BIN, free_port, pipeline_env, run, store_in, wait_until
 from fakes import save_image
-from imgclf import predict
-from imgclf.images import load_image
-from imgclf.serving import BadRequest, answers, to_images
+from imgclf.serving import predict
+from imgclf.data.images import load_image
+from imgclf.serving.pyfunc import BadRequest, answers, to_images
 
 
 def test_a_bad_request_is_one_line_saying_what_was_expected():
@@ -52,7 +52,7 @@ def test_an_answer_names_the_class_its_probability_and_the_top_k():
 
 @pytest.mark.parametrize("tta", ["none", "flip_translate"])
 def test_the_logged_pyfunc_answers_as_imgclf_predict_does(tmp_path, monkeypatch, empty_store, tta):
-    from imgclf.tracking import log_served_model
+    from imgclf.serving.pyfunc import log_served_model
 
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(store_in(tmp_path, empty_store))

@@ -11,8 +11,8 @@ import pytest
 from fakes import CIFAR_NAMES, EvalEvil, Evil, cifar_batch, dumps, make_params, md5, write_cifar
 from imgclf.errors import DataError
 from imgclf.prepare import prepare
-from imgclf.prepared import load_prepared
-from imgclf.sources import cifar10
+from imgclf.files.prepared_reader import load_prepared
+from imgclf.data.sources import cifar10
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from fakes import make_params
 from imgclf.prepare import prepare
-from imgclf.prepared import load_prepared
+from imgclf.files.prepared_reader import load_prepared
 
 
 def test_digits_prepare(tmp_path):

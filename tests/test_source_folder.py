@@ -11,12 +11,12 @@ import pytest
 
 from fakes import make_folder, make_params, save_image, snapshot
 from imgclf.errors import DataError
-from imgclf.images import load_image
+from imgclf.data.images import load_image
 from imgclf.prepare import prepare, write_prepared
-from imgclf.prepared import load_prepared
-from imgclf.sources import Source
-from imgclf.sources.folder import load_folder
-from imgclf.workers import Workers
+from imgclf.files.prepared_reader import load_prepared
+from imgclf.data.sources import Source
+from imgclf.data.sources.folder import load_folder
+from imgclf.data.decode_pool import Workers
 
 
 def in_memory(images) -> np.ndarray:

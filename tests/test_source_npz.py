@@ -10,8 +10,8 @@ import pytest
 from fakes import make_npz, make_params
 from imgclf.errors import DataError
 from imgclf.prepare import prepare
-from imgclf.prepared import load_prepared
-from imgclf.sources.npz import load_npz
+from imgclf.files.prepared_reader import load_prepared
+from imgclf.data.sources.npz import load_npz
 
 
 def test_npz_prepare_with_class_names(tmp_path):

@@ -25,7 +25,7 @@ from conftest import ALWAYS_RUN, BIN, copy_trained, dvc_status, finished_runs, f
 from conftest import stages_run, wait_until
 from imgclf.config import load_params
 from imgclf.metrics import EPOCH_METRICS
-from imgclf.tracking import Tracker
+from imgclf.tracking.tracker import Tracker
 from test_dvc_remote import cached_files
 
 # One worker runs the whole module: its server, sshd and repo are built once and shared by its tests.

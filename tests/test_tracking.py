@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 
@@ -14,12 +15,12 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, UNTIL_INTERRUPTED, finished_runs, free_port, pipeline_env, run, set_args
 from conftest import wait_for_metric
-from imgclf.early_stopping import make as early_stopping
-from imgclf.images import load_image
-from imgclf.machine import cpu_facts
-from imgclf.modelfile import load as load_model
+from imgclf.training.early_stopping import make as early_stopping
+from imgclf.data.images import load_image
+from imgclf.training.numerics import cpu_facts
+from imgclf.files.modelfile import load as load_model
 from imgclf.tta import softmax
-from imgclf.tracking import flatten
+from imgclf.tracking.context import flatten
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +110,10 @@ def test_unreachable_server_fails_before_training(prepared_copy):
 
 
 def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monkeypatch):
-    from imgclf import modelfile, tracking, train
+    from imgclf import train
+    from imgclf.files import modelfile
+    from imgclf.serving.pyfunc import log_served_model
+    from imgclf.tracking import tracker as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.chdir(tmp_path)
@@ -136,7 +140,8 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
         train.write_history(history, tmp_path)
         summary = {**early.summary(), "epochs_run": 8, "weights_sha256": modelfile.weights_sha256(model),
                    "train_seconds": 1.0, "stop_reason": "early_stopping", "collapsed": False, "collapsed_epoch": 0}
-        handle.log_training_end(summary, model, tmp_path)
+        served = functools.partial(log_served_model, classes=[str(i) for i in range(10)], tta="none")
+        handle.log_training_end(summary, model, tmp_path, served)
 
     (r,) = finished_runs(mlflow_server, params["tracking"]["experiment"])
     assert r.data.params["early_stopped"] == "True" and r.data.tags["early_stopped"] == "True"

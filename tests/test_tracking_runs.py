@@ -1,4 +1,4 @@
-"""Which MLflow run `train` logs into and how it is named and tagged (imgclf.tracking), on a real sqlite store."""
+"""Which MLflow run `train` logs into and how it is named and tagged (imgclf.tracking.tracker), on a real sqlite store."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, pipeline_env, run, store_in
 from imgclf.config import apply_overrides
-from imgclf.tracking import Tracker
+from imgclf.tracking.tracker import Tracker
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 MANIFEST = {"digest": "d" * 64, "dataset": "digits", "source": {"path": None}}

@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from conftest import REPO
-from imgclf import modelfile, train
-from imgclf.callbacks import CollapseDetector
-from imgclf.distribute import make_strategy
-from imgclf.early_stopping import make
+from imgclf import train
+from imgclf.files import modelfile
+from imgclf.training.callbacks import CollapseDetector
+from imgclf.training.distribute import make_strategy
+from imgclf.training.early_stopping import make
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 X = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)

@@ -9,7 +9,7 @@ import pytest
 
 from imgclf import errors, train
 from imgclf.errors import Interrupted, deferred_interrupts
-from imgclf.tracking import NullRun
+from imgclf.tracking.runs import NullRun
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,8 @@ def test_a_signal_during_the_writes_takes_the_outputs_back_and_the_run_ends_kill
 
     def save():
         with deferred_interrupts():  # as in train(): a first signal is only recorded
-            train._save(model, history, {"epochs_run": 1}, {"mlflow_run_id": None}, NullRun(), paths, chief=True)
+            train._save(model, history, {"epochs_run": 1}, {"mlflow_run_id": None}, NullRun(), paths, chief=True,
+                        log_model=None)  # a NullRun logs no model
 
     save()
     assert all(path.is_file() for path in outputs)

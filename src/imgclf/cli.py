@@ -25,7 +25,7 @@ def cmd_validate(args) -> None:
 # Imported with the stage's module, in one garbage-collector-off window (lifecycle.imports_first): what the stage
 # imports first thing anyway. train's module brings Keras and MLflow itself; evaluate imports Keras through
 # modelfile.load, after its cheap checks.
-STAGE_IMPORTS = {"fingerprint": (), "prepare": (), "train": (), "evaluate": ("imgclf.tracking",)}
+STAGE_IMPORTS = {"fingerprint": (), "prepare": (), "train": (), "evaluate": ("imgclf.tracking.tracker",)}
 
 
 def stage_command(module: str):
@@ -33,8 +33,8 @@ def stage_command(module: str):
     fraction of a second, before TensorFlow is imported), then run `imgclf.<module>.main(params)`."""
 
     def command(args) -> None:
-        from imgclf.lifecycle import imports_first
-        from imgclf.numerics import use_numerics
+        from imgclf.process import imports_first
+        from imgclf.training.numerics import use_numerics
         from imgclf.workspace import writer
 
         params = _params(args)
@@ -46,7 +46,7 @@ def stage_command(module: str):
 
 
 def cmd_predict(args) -> None:
-    from imgclf import predict
+    from imgclf.serving import predict
 
     # outside a project there is no params.yaml to take evaluate.tta from: no TTA then
     tta = args.tta or (_params(args)["evaluate"]["tta"] if os.path.isfile(args.params) else "none")
@@ -60,13 +60,13 @@ def cmd_rerun(args) -> int:
 
 
 def cmd_promote(args) -> None:
-    from imgclf import promote
+    from imgclf.tracking import promotion
 
-    promote.main(args.run_id, args.alias, args.name, args.force)
+    promotion.main(args.run_id, args.alias, args.name, args.force)
 
 
 def cmd_experiments(args) -> int:
-    from imgclf import experiments
+    from imgclf.experiments import command as experiments
     from imgclf.workspace import writer
 
     params = _params(args)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     code = exit_code(f"imgclf {args.command}", command)
-    from imgclf.files import hdf5_broken
+    from imgclf.files.atomic import hdf5_broken
 
     if hdf5_broken[0]:  # a failed HDF5 write crashes the library's clean-up at exit: leave without it
         sys.stdout.flush()
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console() -> int:
     """The `imgclf` console script (pyproject.toml): main(), then a quick exit."""
-    from imgclf.lifecycle import leave
+    from imgclf.process import leave
 
     return leave(main())
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
-from imgclf import families, sources
+from imgclf.data import sources
+from imgclf.training import families
 from imgclf.errors import ImgclfError
-from imgclf.numerics import NUMERICS_ENV
-from imgclf.paths import PARAMS_FILE
+from imgclf.training.numerics import NUMERICS_ENV
+from imgclf.files.paths import PARAMS_FILE
 from imgclf.schema import BOOL, INT, NUM, STR, Key, check_node, finite, one_of
 
 MONITORS = ("loss", "val_loss", "none")  # early_stopping.py: the report's rule, Keras' rule, no early stop

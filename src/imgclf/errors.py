@@ -42,11 +42,17 @@ OS_FIXES = {
 }
 
 
+def reason_and_fix(exc: OSError) -> tuple[str, str]:
+    """The system's reason for an OSError and what to do about it (OS_FIXES): the "reason; fix" of every
+    one-line OS error."""
+    return exc.strerror or one_line(exc), OS_FIXES.get(exc.errno, "fix it")
+
+
 def os_error_line(exc: OSError) -> str:
     """An OSError as one line: the path(s) it names, the system's reason, and what to do."""
     paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    reason = exc.strerror or one_line(exc)
-    return f"{paths or type(exc).__name__}: {reason}; {OS_FIXES.get(exc.errno, 'fix it')} and rerun"
+    reason, fix = reason_and_fix(exc)
+    return f"{paths or type(exc).__name__}: {reason}; {fix} and rerun"
 
 
 def exit_code(prog: str, command: Callable[[], int]) -> int:

@@ -9,18 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import figures, modelfile
-from imgclf.files import atomic_write, read_json, write_json
+from imgclf.evaluation import figures
+from imgclf.files import modelfile
+from imgclf.files.atomic import atomic_write, read_json, write_json
+from imgclf.files.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDICTIONS, METRICS_JSON, MISTAKES_PNG,
+                                MODEL_PATH, PR_CURVES_PNG, PR_DIR, PREPARED_DIR, REPORTS_DIR, RUN_INFO, TRAIN_SUMMARY)
+from imgclf.files.prepared_reader import load_prepared
 from imgclf.metrics import classification_metrics
-from imgclf.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDICTIONS, METRICS_JSON, MISTAKES_PNG,
-                          MODEL_PATH, PR_CURVES_PNG, PR_DIR, PREPARED_DIR, REPORTS_DIR, RUN_INFO, TRAIN_SUMMARY)
-from imgclf.prepared import load_prepared
+from imgclf.tracking.context import PER_CLASS
 from imgclf.tta import predict_logits, softmax
 
 SUMMARY_KEYS = ("f1_macro", "accuracy", "loss", "count")
 TRAIN_KEYS = ("epochs_run", "early_stopped", "stopped_epoch", "best_epoch", "best_loss", "collapsed",
               "stop_reason")
-PER_CLASS = "f1_per_class"  # MLflow groups `dev_f1_per_class/<class>` in a chart section of its own
 
 
 def draw(splits: dict, logits: dict, results: dict, classes: list[str], reports_dir: Path) -> None:
@@ -60,21 +61,9 @@ def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str]
                   reports_dir: Path, name: str) -> None:
     """Final metrics at the last epoch's step and the reports, into the run that trained the model (or a new
     run named `name`); then the `evaluated` tag, which is what tells these final scores from training's."""
-    import mlflow
-
-    from imgclf.tracking import EVALUATED, logged_model_id
-
-    with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name) as evaluated:
-        final = final_metrics(results, classes)
-        mlflow.log_metrics(final, step=train["epochs_run"])
-        # The headline scores on the logged model too: MLflow's model view and the registry's versions show them.
-        model_id = logged_model_id(mlflow.get_run(evaluated))
-        if model_id:
-            headline = {k: v for k, v in final.items() if "/" not in k}
-            mlflow.log_metrics(headline, step=train["epochs_run"], model_id=model_id)
-        for report in (CONFUSION_PNG, MISTAKES_PNG, PR_CURVES_PNG, METRICS_JSON, CLASSIFICATION_REPORT):
-            mlflow.log_artifact(str(reports_dir / report))
-        mlflow.set_tag(EVALUATED, "true")
+    with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name) as run:
+        reports = (CONFUSION_PNG, MISTAKES_PNG, PR_CURVES_PNG, METRICS_JSON, CLASSIFICATION_REPORT)
+        run.log_final(final_metrics(results, classes), train["epochs_run"], [reports_dir / r for r in reports])
 
 
 def training_run_id(reports_dir: Path, train: dict) -> str | None:
@@ -87,7 +76,8 @@ def training_run_id(reports_dir: Path, train: dict) -> str | None:
 def evaluate(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str | Path = MODEL_PATH,
              reports_dir: str | Path = REPORTS_DIR) -> dict:
     """Score the trained model on dev (and test) under evaluate.tta, write metrics and plots, close the MLflow run."""
-    from imgclf.tracking import Tracker, run_name
+    from imgclf.tracking.context import run_name
+    from imgclf.tracking.tracker import Tracker
 
     reports_dir, tta = Path(reports_dir), params["evaluate"]["tta"]
     trained = read_json(reports_dir / TRAIN_SUMMARY, "training summary")

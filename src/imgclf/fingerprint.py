@@ -14,10 +14,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from imgclf import sources
+from imgclf.data import sources
 from imgclf.errors import DataError
-from imgclf.files import write_json
-from imgclf.paths import FINGERPRINT_JSON
+from imgclf.files.atomic import write_json
+from imgclf.files.paths import FINGERPRINT_JSON
 
 READ_BYTES = 1 << 20
 

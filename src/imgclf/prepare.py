@@ -1,6 +1,6 @@
 """The `prepare` stage: a data source -> seeded, stratified uint8 arrays plus manifest.json.
 
-The source is the plug-in `data.dataset` names (src/imgclf/sources/); this module splits what it
+The source is the plug-in `data.dataset` names (src/imgclf/data/sources/); this module splits what it
 loaded into train/dev (and its test split, if any) and writes data/prepared atomically. Each array is
 written into its preallocated .npy a chunk of rows at a time; a lazy source's images (the folder's) are
 decoded on `data.workers` processes, each writing its chunks into the file, so neither the data set nor a
@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from imgclf import sources
+from imgclf.data import sources
 from imgclf.errors import DataError, one_line
-from imgclf.files import (array_hasher, naming_failed_writes, new_temp_dir, recover_dir, replace_dir, sha256_bytes,
-                          write_json)
-from imgclf.paths import MANIFEST, PREPARED_DIR
-from imgclf.sources import Images, Source
-from imgclf.workers import Workers
+from imgclf.files.atomic import naming_failed_writes, write_json
+from imgclf.files.digests import array_hasher, sha256_bytes
+from imgclf.files.folders import new_temp_dir, recover_dir, replace_dir
+from imgclf.files.paths import MANIFEST, PREPARED_DIR
+from imgclf.data.sources import Images, Source
+from imgclf.data.decode_pool import Workers
 
 
 def _stratified(idx: np.ndarray, y: np.ndarray, classes: list[str], seed: int, step: str, **size: Any) -> list:

@@ -11,12 +11,13 @@ import yaml
 
 from imgclf.config import parse_yaml, validate
 from imgclf.errors import ImgclfError
-from imgclf.lifecycle import imports_first
-from imgclf.machine import ONEDNN_SWITCHES
-from imgclf.paths import PARAMS_FILE, PREPARED_DIR
-from imgclf.prepared import load_prepared
+from imgclf.process import imports_first
+from imgclf.training.numerics import ONEDNN_SWITCHES
+from imgclf.files.paths import PARAMS_FILE, PREPARED_DIR
+from imgclf.files.prepared_reader import load_prepared
 
-# Tags whose difference explains a DIFF: see tracking.lineage_tags, environment_tags and machine.cpu_facts.
+# Tags whose difference explains a DIFF: see tracking.context's lineage_tags and environment_tags, and
+# training.numerics.cpu_facts.
 ENV_TAGS = ("git_commit", "code_digest", "python_version", "tensorflow_version", "keras_version", "numpy_version",
             "platform", "device", "numerics", "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES),
             "cpu_count", "tf_intra_op_threads", "tf_inter_op_threads")
@@ -49,7 +50,7 @@ def logged_run(client, run_id: str):
     """The MLflow run and the params.yaml text it logged; a bad id or an unfinished run is a one-line error."""
     import mlflow
 
-    from imgclf.tracking import TrackingError, run_failure
+    from imgclf.tracking.failures import TrackingError, run_failure
 
     try:
         run = client.get_run(run_id)
@@ -125,7 +126,7 @@ def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = F
     `current_code` trains with this tree's code instead, in this process."""
     from mlflow.tracking import MlflowClient
 
-    from imgclf.tracking import configure
+    from imgclf.tracking.store import configure
 
     uri, _ = configure()
     client = MlflowClient()
@@ -133,8 +134,8 @@ def main(run_id: str, prepared_dir: str | Path = PREPARED_DIR, restart: bool = F
         original, params = fetch_run(client, run_id)
         new_run_id = rerun_here(original, params, Path(prepared_dir), restart)
     else:
-        from imgclf.at_commit import rerun
-        from imgclf.tracking import repo_root
+        from imgclf.files.at_commit import rerun
+        from imgclf.files.paths import repo_root
 
         original, text = logged_run(client, run_id)  # the text as logged: the keys of that commit's schema
         new_run_id = rerun(client, original, text, uri, repo_root(), Path(prepared_dir))
@@ -150,7 +151,7 @@ def rerun_here(original, params: dict, prepared_dir: Path, restart: bool) -> str
     The run's train.numerics is known only once MLflow is read. TensorFlow is imported after that, so its
     environment is set in time and a bad id or other data fails in seconds; should TensorFlow be loaded
     already (a caller imported it), `restart` (the CLI) starts the command again with that environment."""
-    from imgclf.numerics import restart_with_numerics, use_numerics
+    from imgclf.training.numerics import restart_with_numerics, use_numerics
 
     (restart_with_numerics if restart else use_numerics)(params["train"]["numerics"])
     check_same_data(original, prepared_dir)

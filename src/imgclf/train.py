@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import platform
@@ -12,16 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import checkpoint, distribute, early_stopping, families, modelfile, tracking
-from imgclf.callbacks import CollapseDetector, DevMetrics, EpochLossSum, EpochTimer, StopOnNonFiniteLoss, StopOnSignal
-from imgclf.dataset import make_dataset, steps_per_epoch
+from imgclf.files import modelfile
+from imgclf.tracking import tracker as tracking
+from imgclf.training import checkpoint, distribute, early_stopping, families
+from imgclf.training.callbacks import CollapseDetector, DevMetrics, EpochLossSum, EpochTimer, StopOnNonFiniteLoss, StopOnSignal
+from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
 from imgclf.errors import deferred_interrupts, raise_if_interrupted
-from imgclf.files import atomic_write, write_json
+from imgclf.files.atomic import atomic_write, write_json
 from imgclf.metrics import HISTORY_COLUMNS
-from imgclf.numerics import precision_policy, seed_everything, use_numerics
-from imgclf.paths import (CHECKPOINT_DIR, HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, RUN_INFO,
+from imgclf.training.numerics import precision_policy, seed_everything, use_numerics
+from imgclf.files.paths import (CHECKPOINT_DIR, HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, RUN_INFO,
                           TRAIN_SUMMARY)
-from imgclf.prepared import load_prepared
+from imgclf.files.prepared_reader import load_prepared
+from imgclf.serving.pyfunc import log_served_model
 
 
 def build_compiled(params: dict, num_classes: int, strategy, x_train: np.ndarray):
@@ -155,7 +159,8 @@ def _resume(model, strategy, ckpt_dir: Path, fingerprint: str, chief: bool) -> d
     return resume
 
 
-def _save(trained, history: list[dict], summary: dict, run_info: dict, run, paths: dict, chief: bool) -> None:
+def _save(trained, history: list[dict], summary: dict, run_info: dict, run, paths: dict, chief: bool,
+          log_model) -> None:
     """Log the end of training, then write every output atomically: a killed process or a failed upload
     never leaves a model on disk that looks finished. Only the chief writes files.
 
@@ -164,7 +169,7 @@ def _save(trained, history: list[dict], summary: dict, run_info: dict, run, path
     so are they after a failed write (the run ends FAILED)."""
     if chief:
         write_history(history, paths["reports"])
-    run.log_training_end(summary | run_info, trained, paths["reports"])
+    run.log_training_end(summary | run_info, trained, paths["reports"], log_model)
     raise_if_interrupted()  # a signal during the upload: no model that looks finished
     if not chief:
         return
@@ -221,7 +226,8 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
                    "num_params": model.count_params(), "device": device, "data_digest": manifest["digest"]}
         run_info = {"mlflow_run_id": run.run_id, "train_seconds": round(time.perf_counter() - start, 2),
                     "weights_sha256": summary["weights_sha256"]}
-        _save(inference_copy(model), history, summary, run_info, run, paths, chief)
+        served = functools.partial(log_served_model, classes=manifest["classes"], tta=params["evaluate"]["tta"])
+        _save(inference_copy(model), history, summary, run_info, run, paths, chief, served)
     if chief:
         checkpoint.clear(ckpt_dir)
     return summary | run_info

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from imgclf.distribute import tf_config
-from imgclf.errors import ImgclfError
-from imgclf.exp_queue import pid_running
-from imgclf.files import OS_FIXES
-from imgclf.paths import CHECKPOINT_DIR, FINGERPRINT_JSON, MODEL_PATH, PREPARED_DIR, REPORTS_DIR
+from imgclf.errors import ImgclfError, reason_and_fix
+from imgclf.process import pid_alive
+from imgclf.training.distribute import chief_by_tf_config
+from imgclf.files.paths import CHECKPOINT_DIR, FINGERPRINT_JSON, MODEL_PATH, PREPARED_DIR, REPORTS_DIR
 
 LOCK_FILE = ".imgclf.lock.tmp"   # in the working directory; git ignores `.*.tmp*`
 DVC_LOCK = ".dvc/tmp/lock"       # DVC's repository lock (zc.lockfile: an flock, the holder's pid inside)
@@ -50,12 +49,7 @@ def _holder(text: str) -> str:
 
 def _non_chief_worker(command: str) -> bool:
     """A multi-worker training process other than the chief: it writes nothing, so it needs no lock."""
-    config = tf_config()
-    if config is None:
-        return False
-    cluster, task = config
-    chief = task.get("type") == "chief" or ("chief" not in cluster and task.get("index") == 0)
-    return command == "train" and not chief
+    return command == "train" and not chief_by_tf_config()
 
 
 def _refuse_if_dvc_runs(root: Path) -> None:
@@ -84,7 +78,7 @@ def workspace_lock(command: str, root: Path | None = None) -> Iterator[None]:
             raise WorkspaceBusy(f"{root}: in use by {_holder(fh.read())}; wait for it to finish, or stop it, "
                                 "then rerun") from None
         previous = fh.read().strip()
-        if previous[:1].isdigit() and not pid_running(int(previous.split()[0])):
+        if previous[:1].isdigit() and not pid_alive(int(previous.split()[0])):
             print(f"Cleared the lock {root / LOCK_FILE} left by {_holder(previous)}, which is gone (killed?)")
         _refuse_if_dvc_runs(root)
         _record(fh, f"{os.getpid()} imgclf {command} @ {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -112,7 +106,8 @@ def check_writable(folders: tuple[str, ...], root: Path) -> None:
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as exc:
-            raise ImgclfError(f"{folder}: not writable ({exc.strerror}); {OS_FIXES.get(exc.errno, 'fix it')} "
+            reason, fix = reason_and_fix(exc)
+            raise ImgclfError(f"{folder}: not writable ({reason}); {fix} "
                               f"(e.g. chmod u+w {folder}) and rerun; nothing was changed") from None
 
 

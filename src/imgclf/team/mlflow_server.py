@@ -1,0 +1,74 @@
+"""The team's `mlflow server` on the PostgreSQL store: starting it, the URIs that reach it, and the warning when it
+listens beyond this machine (it has no authentication)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+from imgclf.team.postgres import DATABASE, PG_USER
+from imgclf.team.supervise import Service, TeamDir, wait_for
+
+
+MLFLOW_START_SECONDS = 300.0  # a first start runs MLflow's schema migrations: room for a loaded machine
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def http_uri(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def local_uri(host: str, port: int) -> str:
+    """The URI that reaches a server listening on `host` from this machine."""
+    return http_uri({"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host), port)
+
+
+def public_uri(host: str, port: int) -> str:
+    """The tracking URI to hand out: this machine's name when the server listens on every interface."""
+    return http_uri(socket.gethostname() if host in WILDCARDS else host, port)
+
+
+def start_mlflow(team: TeamDir, args: argparse.Namespace, pg_port: int, password: str) -> Service:
+    """Start `mlflow server` on the PostgreSQL store in its own session; wait until /health answers."""
+    env = dict(os.environ, PGPASSWORD=password)  # libpq reads it: the password stays out of `ps` and the logs
+    # MLflow's job runner (GenAI jobs: scorers, prompt optimisation) adds two processes training runs never use.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
+           "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/{DATABASE}",
+           "--artifacts-destination", str(team.artifacts), "--host", args.host, "--port", str(args.port),
+           "--workers", str(args.workers), *args.mlflow_args]
+    with open(team.mlflow_log, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    service = Service("MLflow server", proc, team.mlflow_log, signal.SIGTERM, signal.SIGKILL, group=True)
+    url = f"{local_uri(args.host, args.port)}/health"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(url, timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    wait_for(service, healthy, MLFLOW_START_SECONDS)
+    return service
+
+
+def warn_if_exposed(host: str) -> None:
+    """The MLflow server has no authentication: say so when it listens beyond this machine."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        print(f"imgclf-team: warning: --host {host} serves MLflow WITHOUT authentication: anyone who reaches this "
+              "machine's port can read, change and delete every run; keep it on a trusted network or behind an "
+              "authenticating proxy", file=sys.stderr)

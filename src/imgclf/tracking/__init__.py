@@ -1,0 +1,13 @@
+"""MLflow tracking, split by responsibility as MLflow's own tracking/ is.
+
+store.py     which store (MLFLOW_TRACKING_URI or the repo's sqlite file), bounded retries, reachability, the
+             sqlite checks, the lock that serialises creating a store, a lost get-or-create race
+failures.py  TrackingError and a store's failure as one line
+context.py   a run's name, its params as MLflow logs them, lineage and environment tags, tag names
+orphans.py   runs left RUNNING by a process that died
+tracker.py   Tracker: connects, opens, reopens and ends pipeline runs
+runs.py      one handle per stage: TrainingRun, EvaluationRun (and NullRun for a non-chief worker)
+
+Imports the shared modules, files/ and training/numerics.py (the CPU facts); train, evaluate, predict, rerun,
+experiments/ and team/ import it.
+"""

@@ -1,0 +1,116 @@
+"""What decides the numbers a training run computes: the kernels TensorFlow picks (train.numerics) and the CPU
+facts they depend on, seeds, op determinism, TF32 and mixed precision. The one owner of the oneDNN switches.
+
+TensorFlow's CPU convolutions and matmuls go through oneDNN, which picks its kernels at run time from the
+CPU's instruction sets (AVX2, AVX-512, AVX-512 BF16, AMX), and different kernels sum in different orders.
+So the CPU model and those flags belong next to the library versions on every run (cpu_facts): two runs that
+differ there can differ in their weights with nothing else changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+from imgclf.errors import ImgclfError
+
+# train.numerics -> the environment TensorFlow has to start with. `native` takes the fastest kernels for this
+# CPU: oneDNN's, chosen at run time from its instruction sets (AVX2, AVX-512, BF16, AMX) and summing in their
+# own orders, so weights differ between CPU kinds. `portable` turns oneDNN's ops and the oneDNN sgemm inside
+# Eigen's contractions off, leaving Eigen code compiled into the wheel (AVX, no FMA: the same instructions on
+# every x86-64 CPU). One TensorFlow kernel calls oneDNN's sgemm directly whatever the switches say
+# (Conv2DBackpropInput's matmul), so oneDNN is capped at AVX2, the kernel it runs on any CPU with AVX2.
+# Threads are fixed because Eigen and oneDNN split work by the thread count. Eigen's block sizes still follow
+# the cache sizes: docs/reproducibility.md says what that leaves.
+PORTABLE_THREADS = "2"
+NUMERICS_ENV = {
+    "native": {},
+    "portable": {"TF_ENABLE_ONEDNN_OPTS": "0", "TENSORFLOW_USE_CUSTOM_CONTRACTION_KERNEL": "0",
+                 "ONEDNN_MAX_CPU_ISA": "AVX2",
+                 "TF_NUM_INTRAOP_THREADS": PORTABLE_THREADS, "TF_NUM_INTEROP_THREADS": PORTABLE_THREADS},
+}
+
+# The flags that decide which oneDNN kernels run, oldest first.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# Environment switches that change which kernels run or how work is split: those `portable` sets (recorded on
+# every run when set).
+ONEDNN_SWITCHES = tuple(NUMERICS_ENV["portable"])
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # not Linux, or hidden: the facts say unknown
+        return ""
+
+
+def cpu_facts(cpuinfo: str | None = None) -> dict[str, str]:
+    """{'cpu_model': ..., 'cpu_isa': 'avx2 avx512f ...'} from /proc/cpuinfo (or `cpuinfo`), plus any oneDNN
+    switch set in the environment; 'unknown' where the file says nothing."""
+    lines = (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    isa = " ".join(f for f in ISA_FLAGS if f in flags) if flags else "unknown"
+    switches = {name.lower(): os.environ[name] for name in ONEDNN_SWITCHES if name in os.environ}
+    return {"cpu_model": model, "cpu_isa": isa or "none of " + "/".join(ISA_FLAGS), **switches}
+
+def numerics_ready(mode: str) -> bool:
+    """Whether this process's TensorFlow runs (or will run) with `mode`'s kernels."""
+    return "tensorflow" not in sys.modules or all(os.environ.get(k) == v for k, v in NUMERICS_ENV[mode].items())
+
+
+def use_numerics(mode: str) -> None:
+    """Give TensorFlow `mode`'s environment; it reads it once, so this has to happen before it is imported."""
+    if not numerics_ready(mode):
+        settings = " ".join(f"{k}={v}" for k, v in NUMERICS_ENV[mode].items())
+        raise ImgclfError(f"train.numerics={mode} needs TensorFlow started with {settings}, but this process "
+                          f"imported it without; run `imgclf train` (it sets them) or set them before Python starts")
+    os.environ.update(NUMERICS_ENV[mode])
+
+
+def restart_with_numerics(mode: str) -> None:
+    """Re-execute this command with `mode`'s environment when TensorFlow is already loaded without it (a
+    rerun learns the mode from MLflow after importing it); otherwise just set it."""
+    if not numerics_ready(mode):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **NUMERICS_ENV[mode]})
+    use_numerics(mode)
+
+
+def seed_everything(seed: int, jit_compile: bool = False, tf32: bool = False) -> None:
+    """Seed Python, NumPy and TF from params.yaml (never the clock); make TF ops deterministic unless XLA;
+    allow TF32 matmuls and convolutions only when asked.
+
+    Keras silently turns XLA off while op determinism is on (not every XLA kernel is deterministic),
+    so train.jit_compile=true has to trade bit-identical reruns for its speed. TensorFlow enables TF32
+    by default on Ampere and newer GPUs (10-bit mantissas in matmuls and convolutions); the report's net
+    ran in float32, and with TF32 its default seed collapsed to one class on an H200.
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_tensor_float_32_execution(tf32)
+    if not jit_compile:
+        tf.config.experimental.enable_op_determinism()
+
+
+@contextlib.contextmanager
+def precision_policy(name: str):
+    """Layers built inside get Keras' `mixed_float16`/`mixed_bfloat16` policy (`none`: float32).
+
+    The global policy is restored afterwards: each layer keeps its own policy, and nothing built
+    later (the inference copy, other tests) should inherit it by accident.
+    """
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32" if name == "none" else name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
