@@ -3,7 +3,7 @@
 file (the old way to share), (c) the team server: `imgclf-team serve`, an `mlflow server` on PostgreSQL.
 
 A writer's run is the pipeline's: start the run with its owner tags, ~70 params, ~25 tags, params.yaml as an
-artifact, the prepared data as a dataset input (under the pipeline's sqlite lock, as tracking.py does), then
+artifact, the prepared data as a dataset input (under the pipeline's sqlite lock, as tracking/runs.py does), then
 `--epochs` per-epoch metric batches (the 8 EPOCH_METRICS, through tracking.EpochLogger) and the final scores.
 Writers start together (a barrier, after imports). Per cell: runs per minute (finished runs / wall time), the
 median and 95th percentile of a tracking call, waits (calls of 0.5 s or more: a lock or a busy server made the

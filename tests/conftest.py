@@ -418,7 +418,7 @@ def undo_process_changes():
     - MLflow's in-process tracking URI;
     - SIGINT/SIGTERM handlers, which cli.main installs, and the signals imgclf.errors recorded;
     - TensorFlow's op determinism and TF32 switches (seed_everything), which have no scoped form;
-    - objects frozen out of the garbage collector (lifecycle.imports_first, which the commands call)."""
+    - objects frozen out of the garbage collector (process.imports_first, which the commands call)."""
     environ = dict(os.environ)
     frozen = gc.get_freeze_count()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}

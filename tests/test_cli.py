@@ -33,7 +33,7 @@ def test_each_stage_command_runs_the_module_of_its_name(stage, monkeypatch):
 
 
 # Runs an installed console script as its own process would, and reports at exit whether the garbage
-# collector's objects were frozen, i.e. lifecycle.leave ran (validate and move-in import nothing through
+# collector's objects were frozen, i.e. process.leave ran (validate and move-in import nothing through
 # imports_first, so only leave freezes here).
 AT_EXIT = ("import atexit, gc, runpy, sys; atexit.register(lambda: print('frozen:', gc.get_freeze_count() > 0)); "
            "script = sys.argv.pop(1); sys.argv[0] = script; runpy.run_path(script, run_name='__main__')")

@@ -22,7 +22,7 @@ def cmd_validate(args) -> None:
     print(f"{args.params}: OK")
 
 
-# Imported with the stage's module, in one garbage-collector-off window (lifecycle.imports_first): what the stage
+# Imported with the stage's module, in one garbage-collector-off window (process.imports_first): what the stage
 # imports first thing anyway. train's module brings Keras and MLflow itself; evaluate imports Keras through
 # modelfile.load, after its cheap checks.
 STAGE_IMPORTS = {"fingerprint": (), "prepare": (), "train": (), "evaluate": ("imgclf.tracking.tracker",)}
