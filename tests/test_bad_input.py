@@ -64,7 +64,7 @@ def ws(good: Workspace) -> Workspace:
     (good.repo / "params.yaml").write_text(good.params)
     if good.current() != good.outputs:
         run(["dvc", "checkout", "--force"], good.repo)
-        run(["git", "checkout", "--", "reports"], good.repo)
+        run(["git", "checkout", "--", "reports", "data/fingerprint.json"], good.repo)
 
 
 # --- params.yaml ------------------------------------------------------------------------------------
@@ -137,7 +137,16 @@ def test_dvc_repro_without_validate_deletes_then_checkout_restores(ws):
     """Bypassing `make run`'s validate step, DVC deletes train's outputs before the stage refuses the value;
     `dvc checkout` brings the cached ones back, git the `cache: false` reports."""
     write_params(ws.repo, {"train.keep_prob": "0"}, check=False)
+    fingerprint = ws.repo / "data/fingerprint.json"
     proc = run(["dvc", "repro"], ws.repo, check=False)
+    # The first stage, fingerprint, validates the whole file and refuses: DVC had deleted only its own output.
+    assert "train.keep_prob=0" in error_line(proc.stderr, "fingerprint")
+    assert "imgclf fingerprint, exited with 2" in proc.stderr and not fingerprint.exists()
+    assert ws.current() == ws.outputs
+    run(["git", "checkout", "--", "data/fingerprint.json"], ws.repo)
+    assert fingerprint.is_file()
+    # Past it (train run on its own through DVC), DVC deletes train's outputs before the stage refuses the value.
+    proc = run(["dvc", "repro", "--single-item", "train"], ws.repo, check=False)
     assert "train.keep_prob=0" in error_line(proc.stderr, "train") and "imgclf train, exited with 2" in proc.stderr
     deleted = ("models/model.keras", "reports/loss.png", "reports/train.json", "reports/history.csv")
     assert ws.current() == ws.without(*deleted)
@@ -266,7 +275,7 @@ def test_bad_data_fails_prepare_in_one_line_and_checkout_restores(ws, tmp_path, 
     assert bad.culprit in line and bad.fix in line, line
     # DVC deleted prepare's output before running it; nothing else changed and nothing half-written appeared.
     assert ws.current() == ws.without("data/prepared")
-    assert sorted(p.name for p in (ws.repo / "data").iterdir()) == [".gitignore"]
+    assert sorted(p.name for p in (ws.repo / "data").iterdir()) == [".gitignore", "fingerprint.json", "raw"]
     assert not (ws.repo / "pwned").exists()  # the malicious pickle's payload never ran
     run(["dvc", "checkout"], ws.repo)
     assert ws.current() == ws.outputs

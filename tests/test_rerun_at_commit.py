@@ -38,7 +38,7 @@ def test_a_rerun_after_the_training_code_changed_trains_at_the_runs_commit_and_t
     repo, tmp = trained_copy, tmp_path / "tmp"
     tmp.mkdir()
     weights = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(trained.run_id).data.tags["weights_sha256"]
-    numerics = repo / "src/imgclf/numerics.py"
+    numerics = repo / "src/imgclf/training/numerics.py"
     numerics.write_text(numerics.read_text().replace("set_random_seed(seed)", "set_random_seed(seed + 1)"))
     run(["git", "commit", "-qam", "train with another seed"], repo)
     env = pipeline_env(TMPDIR=str(tmp), PYTHONPATH=str(repo / "src"))  # this tree's code, as its own install

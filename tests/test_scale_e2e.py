@@ -52,7 +52,7 @@ def test_the_fast_family_trains_evaluates_and_predicts_large_images_from_a_folde
     model = load_model(str(tmp_path / "models/model.keras"))
     assert model.input_shape == (None, size, size, 3)
     photo = save_image(tmp_path / "photo.png", size=(size + 50, size + 30))
-    ((_, name, prob),) = predict.main([str(photo)], tta="flip_translate")
+    ((_, name, prob, *_),) = predict.main([str(photo)], tta="flip_translate")
     probs = softmax(predict_logits(model, load_image(photo, size)[None], "flip_translate").astype(np.float64))
     assert name == ["cat", "dog"][int(probs.argmax())] and prob == pytest.approx(probs.max(), abs=1e-6)
     rows = (tmp_path / "reports/dev_predictions.csv").read_text().splitlines()

@@ -67,15 +67,18 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
         assert {"history.csv", "loss.png", "confusion_matrix.png", "params.yaml", "data"} <= artifacts
         assert r.inputs.dataset_inputs[0].dataset.digest == r.data.tags["data_digest"][:36]
 
-    # The last run's model, loaded through pyfunc, predicts exactly like the Keras model on disk.
+    # The last run's model, loaded through pyfunc, answers the classes and probabilities of the Keras model on disk.
     run_info = json.loads((repo_copy / "reports/run.json").read_text())  # untracked: ids stay out of git
     assert run_info["mlflow_run_id"] == runs[-1].info.run_id
     assert "mlflow_run_id" not in (repo_copy / "reports/metrics.json").read_text()
     mlflow.set_tracking_uri(mlflow_server)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{runs[-1].info.run_id}/model")
     x = np.load(repo_copy / "data/prepared/x_dev.npy")[:8].astype(np.float32)
-    expected = load_model(str(repo_copy / "models/model.keras")).predict(x, verbose=0)
-    np.testing.assert_allclose(np.asarray(pyfunc.predict(x)), expected, rtol=1e-5, atol=1e-5)
+    expected = softmax(load_model(str(repo_copy / "models/model.keras")).predict(x, verbose=0).astype(np.float64))
+    classes = json.loads((repo_copy / "data/prepared/manifest.json").read_text())["classes"]
+    answer = pyfunc.predict(x)
+    assert answer["class"].tolist() == [classes[i] for i in expected.argmax(axis=1)]
+    np.testing.assert_allclose(answer["probability"], expected.max(axis=1), rtol=1e-5, atol=1e-6)
 
     # imgclf predict uses the same logged model.
     image = repo_copy / "digit.png"
@@ -83,7 +86,6 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
     out = run(["imgclf", "predict", str(image), "--run", runs[-1].info.run_id], repo_copy, env).stdout
     name, prob = out.strip().split("\t")[1:]
     logits = load_model(str(repo_copy / "models/model.keras")).predict(load_image(image)[None], verbose=0)
-    classes = json.loads((repo_copy / "data/prepared/manifest.json").read_text())["classes"]
     assert name == classes[int(logits.argmax())]  # the class the model on disk picks for this very image
     assert float(prob) == pytest.approx(float(softmax(logits.astype(np.float64)).max()), abs=1e-4)
 

@@ -9,12 +9,22 @@ while importing, and 1.8-2.3 more at exit, of 11-12 in all (benchmarks/collector
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
+
+# What TensorFlow's C++ side prints while its libraries load, before TF_CPP_MIN_LOG_LEVEL applies (absl is not
+# initialised yet): start-up chatter, twice per command, that buries a command's own lines.
+STARTUP_CHATTER = re.compile(r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+                             r"Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
+                             r"This TensorFlow binary is optimized|TF-TRT Warning")
 
 
 def imports_first(*modules: str) -> ModuleType:
@@ -31,12 +41,35 @@ def imports_first(*modules: str) -> ModuleType:
     was_on = gc.isenabled()
     gc.disable()
     try:
-        loaded = [importlib.import_module(name) for name in modules]
+        with startup_chatter_dropped():
+            loaded = [importlib.import_module(name) for name in modules]
     finally:
         gc.freeze()
         if was_on:  # a caller who had turned it off keeps it off
             gc.enable()
     return loaded[0]
+
+
+@contextlib.contextmanager
+def startup_chatter_dropped() -> Iterator[None]:
+    """Run the block with file descriptor 2 captured, then write back every line but TensorFlow's start-up
+    chatter (STARTUP_CHATTER): all of them when the block raised, whose error may be explained there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if failed or not STARTUP_CHATTER.search(line)))
+            sys.stderr.flush()
 
 
 def leave(code: int) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 from imgclf.files import modelfile
 from imgclf.tracking import tracker as tracking
 from imgclf.training import checkpoint, distribute, early_stopping, families
-from imgclf.training.callbacks import CollapseDetector, DevMetrics, EpochLossSum, EpochTimer, StopOnNonFiniteLoss, StopOnSignal
+from imgclf.training.callbacks import (CollapseDetector, DevMetrics, EpochLossSum, EpochTimer, ProgressReport,
+                                       StopOnNonFiniteLoss, StopOnSignal)
 from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
 from imgclf.errors import deferred_interrupts, raise_if_interrupted
 from imgclf.files.atomic import atomic_write, write_json
@@ -51,9 +52,9 @@ def device_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def progress_verbosity() -> int:
-    """Keras' live progress bar with ETA on a terminal; one line per epoch under CI or in logs."""
-    return 2 if os.environ.get("CI") or not sys.stdout.isatty() else 1
+def on_terminal() -> bool:
+    """A live progress bar on a terminal; plain lines under CI or in logs."""
+    return not os.environ.get("CI") and sys.stdout.isatty()
 
 
 def inference_copy(model):
@@ -125,6 +126,7 @@ def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: P
     saver = checkpoint.EpochCheckpoint(ckpt_dir, fingerprint, done, stateful, run.run_id, write=write)
     callbacks = [EpochTimer(), StopOnSignal(), StopOnNonFiniteLoss(), EpochLossSum(len(x_train), cfg["batch_size"]),
                  *extra, DevMetrics(x_dev, y_dev, model.output_shape[-1], cfg["batch_size"]), early, collapse,
+                 ProgressReport(cfg["training_epochs"], steps, on_terminal()),
                  saver,  # before the MLflow logger: a resumed run re-logs any epoch the logger missed
                  run.epoch_callback()]
     if first_epoch < cfg["training_epochs"]:
@@ -134,7 +136,7 @@ def fit(model, splits: dict, params: dict, run, resume: dict | None, ckpt_dir: P
                                family.augment(params))
         model.fit(dataset, epochs=cfg["training_epochs"], initial_epoch=first_epoch, steps_per_epoch=steps,
                   shuffle=False,  # the dataset shuffles itself, per epoch, from the seed
-                  callbacks=callbacks, verbose=progress_verbosity())
+                  callbacks=callbacks, verbose=0)  # ProgressReport says what a person reads
     else:  # killed after its last epoch: end as fit() ended (monitor=val_loss puts the best weights back)
         for callback in callbacks:
             callback.set_model(model)

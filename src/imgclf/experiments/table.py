@@ -64,6 +64,9 @@ def summarize(variant: str, runs: list) -> dict:
         "train_seconds": statistics.fmean(r.data.metrics.get("train_seconds", 0.0) for r in runs),
         "run_ids": [r.info.run_id for r in runs],
         "report": PRESETS[variant].report_f1,
+        # the data's own test split, when it has one (cifar10, folder/npz with test/): every run scored it
+        **{key: mean_std([r.data.metrics[key] for r in runs]) if all(key in r.data.metrics for r in runs) else None
+           for key in ("test_f1_macro", "test_accuracy")},
     }
 
 
@@ -73,8 +76,11 @@ def _mean_std(pair: tuple[float, float] | None) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """The table as Markdown (also printed)."""
+    test = any(r["test_f1_macro"] for r in rows)
     lines = ["| variant | seeds | dev macro-F1 (mean ± std) | without collapsed runs | collapsed (seeds) | epochs run "
-             "| early-stopped | train s (mean) | MLflow runs | report |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| early-stopped | train s (mean) | MLflow runs | report |"
+             + (" test macro-F1 | test accuracy |" if test else ""), "|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|---|" if test else "")]
     for r in rows:
         collapsed = f"{len(r['collapsed'])}/{len(r['seeds'])}" + (
             f" ({', '.join(map(str, r['collapsed']))})" if r["collapsed"] else "")
@@ -82,7 +88,8 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['variant']} | {', '.join(map(str, r['seeds']))} | {_mean_std(r['f1'])} | {_mean_std(r['f1_learned'])} "
             f"| {collapsed} | {', '.join(map(str, r['epochs']))} | {r['early_stopped']}/{len(r['seeds'])} "
             f"| {r['train_seconds']:.0f} | {', '.join(i[:8] for i in r['run_ids'])} "
-            f"| {' / '.join(f'{f:.3f}' for f in r['report']) or '—'} |")
+            f"| {' / '.join(f'{f:.3f}' for f in r['report']) or '—'} |"
+            + (f" {_mean_std(r['test_f1_macro'])} | {_mean_std(r['test_accuracy'])} |" if test else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +100,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(rows) + 2), 4))  # one bar still fits the title
     xs = range(len(rows))
     ax.bar(xs, [r["f1"][0] for r in rows], yerr=[r["f1"][1] for r in rows], capsize=4, label="this pipeline")
     for x, r in zip(xs, rows):
@@ -103,7 +110,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set(ylabel="dev macro-F1", ylim=(0, 1), title="Presets: dev macro-F1 (mean ± std over seeds)")
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))  # nothing clipped
     plt.close(fig)
 
 

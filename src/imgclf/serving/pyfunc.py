@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the server imports TensorFlow through this module
@@ -152,9 +151,7 @@ def log_served_model(model, classes: list[str], tta: str, register_as: str | Non
     # Explicit requirements: MLflow's inference would import the model in a subprocess (slow).
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}",
                     f"pillow=={__import__('PIL').__version__}", f"pandas=={pd.__version__}"]
-    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp, warnings.catch_warnings():
-        # MLflow asks for type hints on predict() to validate inputs itself: it takes one kind of input only
-        warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
+    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
         save(model, Path(tmp) / "model.keras")
         (Path(tmp) / "classes.json").write_text(json.dumps(classes))
         mlflow.pyfunc.log_model(

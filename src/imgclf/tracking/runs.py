@@ -90,11 +90,12 @@ class EvaluationRun:
     def log_final(self, metrics: dict[str, float], step: int, reports: list[Path]) -> None:
         """The final scores at the last epoch's step and the reports; then the `evaluated` tag, which is what
         tells these final scores from training's per-epoch ones."""
-        mlflow.log_metrics(metrics, step=step)
-        # The headline scores on the logged model too: MLflow's model view and the registry's versions show them.
+        # The headline scores go to the logged model too (MLflow's model view and the registry show them); logged
+        # with its id, a point is the run's as well, so each key is logged once.
         model_id = logged_model_id(mlflow.get_run(self.run_id))
-        if model_id:
-            mlflow.log_metrics({k: v for k, v in metrics.items() if "/" not in k}, step=step, model_id=model_id)
+        headline = {k: v for k, v in metrics.items() if "/" not in k}
+        mlflow.log_metrics(headline, step=step, model_id=model_id)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k not in headline}, step=step)
         for path in reports:
             mlflow.log_artifact(str(path))
         mlflow.set_tag(EVALUATED, "true")

@@ -68,6 +68,40 @@ class DevMetrics(keras.callbacks.Callback):
         logs["dev_predicted_classes"] = len(np.unique(y_pred))
 
 
+class ProgressReport(keras.callbacks.Callback):
+    """What a person watching training reads: within an epoch a bar on a terminal, else a line every
+    INTERVAL seconds (a report epoch on CIFAR-10 takes minutes); after it one line with the loss, the dev scores
+    and the time, instead of Keras' line of every internal value."""
+
+    INTERVAL = 30.0
+
+    def __init__(self, epochs: int, steps: int, terminal: bool):
+        super().__init__()
+        self.epochs, self.steps, self.terminal = epochs, steps, terminal
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._start, self._shown = epoch + 1, time.monotonic(), time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        head = f"Epoch {self._epoch}/{self.epochs}"
+        if self.terminal and now - self._shown >= 0.2:
+            done = (batch + 1) / self.steps
+            print(f"\r{head} [{'=' * int(24 * done):<24}] {batch + 1}/{self.steps} ({now - self._start:.0f} s)",
+                  end="", flush=True)
+        elif not self.terminal and now - self._shown >= self.INTERVAL:
+            print(f"{head}: {batch + 1}/{self.steps} batches ({now - self._start:.0f} s)", flush=True)
+        else:
+            return
+        self._shown = now
+
+    def on_epoch_end(self, epoch, logs=None):
+        line = (f"Epoch {epoch + 1}/{self.epochs}: loss {logs['loss']:.4f}, dev loss {logs['dev_loss']:.4f}, "
+                f"dev accuracy {logs['dev_accuracy']:.4f}, dev macro-F1 {logs['dev_f1_macro']:.4f} "
+                f"({time.monotonic() - self._start:.0f} s)")
+        print(("\r\033[K" if self.terminal else "") + line, flush=True)
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Adds `epoch_seconds`, the wall time of the epoch's training and dev pass."""
 
