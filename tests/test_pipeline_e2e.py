@@ -27,8 +27,11 @@ def test_exp_run_writes_every_output_then_repro_is_a_noop(trained, trained_copy)
     for name in ("x_train.npy", "y_train.npy", "x_dev.npy", "y_dev.npy"):
         assert (repo / "data/prepared" / name).is_file()
     assert (repo / "models/model.keras").stat().st_size > 0
-    for png in ("reports/loss.png", "reports/confusion_matrix.png"):
+    for png in ("reports/loss.png", "reports/confusion_matrix.png", "reports/mistakes.png", "reports/pr_curves.png"):
         assert (repo / png).read_bytes()[:8] == PNG_MAGIC
+    pr = sorted(p.name for p in (repo / "reports/pr").iterdir())  # dvc plots data: a recall,precision CSV per class
+    assert pr == [f"{c}.csv" for c in range(10)]
+    assert (repo / "reports/pr/0.csv").read_text().startswith("recall,precision\n")
 
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert 0 <= metrics["dev"]["f1_macro"] <= 1 and 0 <= metrics["dev"]["accuracy"] <= 1
@@ -100,6 +103,9 @@ def test_dvc_plots_render(trained_copy, tmp_path):
     predictions = csv.DictReader((trained_copy / "reports/dev_predictions.csv").open())
     assert sorted((r["actual"], r["predicted"]) for r in plots["Dev_confusion_matrix"]) == \
         sorted((p["actual"], p["predicted"]) for p in predictions)
+    for curve in sorted((trained_copy / "reports/pr").glob("*.csv")):  # a plot per class, from the folder
+        points = [(r["recall"], r["precision"]) for r in csv.DictReader(curve.open())]
+        assert [(r["recall"], r["precision"]) for r in plots[f"reports_pr_{curve.stem}_csv"]] == points and points
 
 
 def plot_data(html: str) -> dict[str, list[dict]]:

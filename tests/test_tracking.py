@@ -64,7 +64,8 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
         assert r.data.tags["tensorflow_version"] and r.data.tags["device"].startswith(("CPU", "GPU"))
         assert {k: r.data.tags[k] for k in ("cpu_model", "cpu_isa")} == cpu_facts()  # which oneDNN kernels ran
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"history.csv", "loss.png", "confusion_matrix.png", "params.yaml", "data"} <= artifacts
+        assert {"history.csv", "loss.png", "confusion_matrix.png", "mistakes.png", "pr_curves.png", "params.yaml",
+                "data"} <= artifacts
         assert r.inputs.dataset_inputs[0].dataset.digest == r.data.tags["data_digest"][:36]
 
     # The last run's model, loaded through pyfunc, answers the classes and probabilities of the Keras model on disk.

@@ -1,5 +1,5 @@
 """What `evaluate` draws, for people who would rather look than read: the confusion matrices, the images the model
-gets most confidently wrong, and each class's precision-recall curve (also as data for `dvc plots`).
+gets most confidently wrong, and each class's precision-recall curve (also as data for `dvc plots`, a plot per class).
 
 Every figure is sized from what it holds (classes, images, splits), so its labels fit.
 """
@@ -98,8 +98,8 @@ def file_name(text: str) -> str:
 
 
 def write_pr_data(curves: dict, folder: Path) -> None:
-    """One `recall,precision` CSV per class in `folder` (DVC draws a folder of CSVs as one plot, a line per file);
-    files of classes no longer present go."""
+    """One `recall,precision` CSV per class in `folder` (dvc.yaml names the folder: `dvc plots` draws a plot per
+    file); files of classes no longer present go."""
     folder.mkdir(parents=True, exist_ok=True)
     keep = set()
     for name, (recall, precision, _) in curves.items():
