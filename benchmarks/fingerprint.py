@@ -1,4 +1,4 @@
-"""What the fingerprint stage costs every `dvc repro`, against the `prepare` it saves when nothing changed.
+"""What the fingerprint stage costs every `dvc repro`, beside the `prepare` it saves when nothing changed.
 
 Both are the real commands (`imgclf fingerprint`, `imgclf prepare`) in fresh processes, on a folder source of
 your images, from a scratch project folder; the page cache is warm (the first fingerprint run reads the files
@@ -22,7 +22,7 @@ from pathlib import Path
 from common import REPO, child_env, cpu_header, verdict
 
 IMGCLF = [sys.executable, "-m", "imgclf.cli", "--params", str(REPO / "params.yaml")]
-TARGET = 0.1  # an unchanged source must cost at most a tenth of the prepare it saves
+TARGET_S = 5.0  # #32: an unchanged source costs seconds (the whole command, as every `dvc repro` runs it)
 
 
 def timed(args: list[str], cwd: Path) -> float:
@@ -51,9 +51,9 @@ def main() -> None:
     print(f"source: {facts['files']:,} files, {facts['bytes'] / 1e6:.1f} MB")
     print(f"imgclf fingerprint (median of {args.repeats}, whole command): {fingerprint:.2f} s "
           f"(runs: {', '.join(f'{t:.2f}' for t in times)})")
-    print(f"imgclf prepare (1 run, the baseline it saves when nothing changed): {prepare:.1f} s")
-    ratio = fingerprint / prepare
-    print(f"fingerprint / prepare: {ratio:.3f}, {verdict(ratio, TARGET, higher_is_better=False)}")
+    print(f"imgclf prepare (1 run, what it saves when nothing changed): {prepare:.1f} s; "
+          f"fingerprint / prepare: {fingerprint / prepare:.2f}")
+    print(f"fingerprint: {fingerprint:.2f} s, {verdict(fingerprint, TARGET_S, higher_is_better=False)}")
 
 
 if __name__ == "__main__":

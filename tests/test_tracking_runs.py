@@ -8,6 +8,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import pytest
@@ -126,3 +127,19 @@ def test_runs_left_running_by_a_dead_process_are_ended_killed(client):
     start(params())
     status = {r: client.get_run(r).info.status for r in (orphan, alive, elsewhere, untagged)}
     assert status == {orphan: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
+
+
+def test_system_metrics_are_sampled_only_when_asked(client, monkeypatch):
+    """tracking.system_metrics: MLflow's own sampler logs `system/*` metrics while the training run is open."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    ids = {}
+    for asked in (False, True):
+        p = params(f"tracking.system_metrics={str(asked).lower()}")
+        with Tracker.connect(p["tracking"]).training_run(p, MANIFEST, model, "CPU: test") as handle:
+            time.sleep(1.5)
+        ids[asked] = handle.run_id
+    assert not any(k.startswith("system/") for k in client.get_run(ids[False]).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        client.get_run(ids[True]).data.metrics)

@@ -112,6 +112,7 @@ BASE_SCHEMA: dict[str, Any] = {
         "experiment": Key(STR, lambda v: bool(v.strip()), "a non-empty name"),
         "register_model": Key(STR, lambda v: bool(v.strip()), "a model name, or null to skip", nullable=True),
         "variant": Key(STR, lambda v: bool(v.strip()), "a label, or null", nullable=True),
+        "system_metrics": Key(BOOL),
     },
 }
 

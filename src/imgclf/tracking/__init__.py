@@ -7,7 +7,9 @@ context.py   a run's name, its params as MLflow logs them, lineage and environme
 orphans.py   runs left RUNNING by a process that died
 tracker.py   Tracker: connects, opens, reopens and ends pipeline runs
 runs.py      one handle per stage: TrainingRun, EvaluationRun (and NullRun for a non-chief worker)
+promotion.py `imgclf promote`: a registry alias on a run's model version, guarded by the dev score
 
-Imports the shared modules, files/ and training/numerics.py (the CPU facts); train, evaluate, predict, rerun,
-experiments/ and team/ import it.
+Imports the shared modules, files/ and training/numerics.py (the CPU facts); train, evaluate, rerun, serving/,
+experiments/ and team/ import it. It never imports serving/: train hands TrainingRun the function that logs the
+model.
 """

@@ -74,8 +74,8 @@ def _end_run_quietly(status: str, exc: BaseException, retries: int | None = None
 class Tracker:
     """The configured MLflow store and experiment; opens and reopens pipeline runs."""
 
-    def __init__(self, experiment_id: str, register_as: str | None):
-        self.experiment_id, self.register_as = experiment_id, register_as
+    def __init__(self, experiment_id: str, register_as: str | None, system_metrics: bool = False):
+        self.experiment_id, self.register_as, self.system_metrics = experiment_id, register_as, system_metrics
 
     @classmethod
     def connect(cls, tracking_cfg: dict) -> "Tracker":
@@ -88,8 +88,8 @@ class Tracker:
                 artifacts = (repo_root() / MLRUNS_DIR).as_uri() if is_default else None
                 experiment_id = after_lost_race(lambda: mlflow.create_experiment(name, artifact_location=artifacts),
                                                 lambda: mlflow.get_experiment_by_name(name).experiment_id)
-                return cls(experiment_id, tracking_cfg["register_model"])
-        return cls(experiment.experiment_id, tracking_cfg["register_model"])
+                experiment = mlflow.get_experiment(experiment_id)
+        return cls(experiment.experiment_id, tracking_cfg["register_model"], tracking_cfg["system_metrics"])
 
     @contextlib.contextmanager
     def training_run(self, params: dict, manifest: dict, model, device: str, resume_run_id: str | None = None,
@@ -106,14 +106,15 @@ class Tracker:
 
     def _start(self, resume_run_id: str | None, params: dict[str, str], name: str):
         """Reopen the run a checkpoint names, else join `mlflow run`'s run, else start a new one."""
+        sampled = {"log_system_metrics": self.system_metrics}  # MLflow's own sampler, while training runs
         if resume_run_id and self._may_reopen(resume_run_id, params):
             claim(resume_run_id)
-            return mlflow.start_run(run_id=resume_run_id)
+            return mlflow.start_run(run_id=resume_run_id, **sampled)
         if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made the run already: log into it
-            run = mlflow.start_run()
+            run = mlflow.start_run(**sampled)
             mlflow.set_tags(owner_tags())
             return run
-        return self._new_run(name)
+        return self._new_run(name, **sampled)
 
     @staticmethod
     def _may_reopen(run_id: str, params: dict[str, str]) -> bool:
@@ -139,10 +140,11 @@ class Tracker:
             end_if_orphan(client, run, owner_tags())  # it may be in another experiment than the new run
         return not changed
 
-    def _new_run(self, name: str):
+    def _new_run(self, name: str, log_system_metrics: bool = False):
         """A new run of the experiment, named `name` and owned by this process; ends the orphans first."""
         self._end_orphans()
-        return mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=owner_tags())
+        return mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=owner_tags(),
+                                log_system_metrics=log_system_metrics)
 
     def _end_orphans(self) -> None:
         """End KILLED the experiment's runs that a process of this machine left RUNNING when it died."""
