@@ -37,13 +37,19 @@ class Prediction(NamedTuple):
 
 
 def load_run_model(run_id: str):
-    """The Keras net and class names of the model logged on an MLflow run (the served pyfunc, serving.py)."""
-    import mlflow
-
-    from imgclf.tracking.failures import run_failure
+    """The Keras net and class names of the model logged on an MLflow run (the served pyfunc, serving/pyfunc.py)."""
     from imgclf.tracking.store import configure
 
     configure()
+    return _logged_model(run_id)
+
+
+def _logged_model(run_id: str):
+    """load_run_model once the store is configured: the pyfunc's net, checked against the run's weights hash."""
+    import mlflow
+
+    from imgclf.tracking.failures import run_failure
+
     try:
         served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model()
         expected = mlflow.tracking.MlflowClient().get_run(run_id).data.tags.get("weights_sha256")
@@ -68,7 +74,7 @@ def load_registered_model(uri: str):
             raise store_failure(exc, "rerun") from None
         raise ImgclfError(f"{uri}: {str(exc).splitlines()[0]}; `imgclf promote RUN_ID` sets an alias, "
                           "`mlflow ui` lists the registered models") from None
-    return load_run_model(run_id)
+    return _logged_model(run_id)
 
 
 def load_local_model(model_path: str | Path):
