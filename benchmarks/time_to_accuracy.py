@@ -1,6 +1,6 @@
-"""Time to accuracy on the real CIFAR-10 training images: the fast presets (airbench94's Nesterov SGD in float32
-and mixed_bfloat16, airbench94_muon's Muon) against each other and the report's net, through the pipeline's
-own train() and evaluate().
+"""Time to accuracy on the real CIFAR-10 training images: the fast presets (airbench94's Nesterov SGD,
+airbench94_muon's Muon) in float32 and mixed_bfloat16 against each other and the report's net, through the
+pipeline's own train() and evaluate().
 
 Data: ../shared/data/cifar10-train-png.tar.gz (the 50,000 training images with their exact pixels, as lossless
 PNG class folders; --data jpg for the lossy JPEG re-encoding of the same images), prepared by the pipeline's
@@ -13,12 +13,16 @@ For each configuration: per-epoch wall time, dev accuracy and macro-F1 per epoch
 dev accuracy first reached the target (0.93), and the final dev accuracy with the preset's TTA (medians
 over seeds); the report's net's dev accuracy after the same wall time (its last epoch that ended within
 it); FLOPs per trained image of both nets (6 x the multiply-adds of a forward pass); and fast-muon's
-training time as a ratio of fast-float32's (target <= 0.6) with the accuracy it gives up (target <= 0.003).
+training time as a ratio of fast-float32's (target <= 0.6) with the accuracy it gives up (target <= 0.003);
+fast-muon-bf16's whole wall time (the fresh process: imports, train, save, evaluate with TTA) against
+fast-float32's (target <= 0.6), its accuracy against the bar for making bfloat16 the presets' default (median
+>= 0.935, each seed >= 0.93), and every configuration's GFLOP/s in the training steps as a share of the CPU's
+peak in its precision (benchmarks/peak.py says how the peak is estimated; target >= 60 % in bfloat16).
 Runs go seed by seed, so a benchmark stopped early still compares configurations on the same seeds.
 
-    python benchmarks/time_to_accuracy.py                    # fast-float32 and fast-muon runs not yet in the results
+    python benchmarks/time_to_accuracy.py                    # fast-float32, fast-muon, fast-muon-bf16 runs not yet done
     python benchmarks/time_to_accuracy.py --data jpg         # the same on the JPEG images (their own results)
-    python benchmarks/time_to_accuracy.py --only fast-bf16   # one configuration
+    python benchmarks/time_to_accuracy.py --only fast-muon-bf16 --seeds 52   # one configuration, one seed
     python benchmarks/time_to_accuracy.py --summary          # print the table from the results file
     python benchmarks/time_to_accuracy.py --epochs 1 --seeds 51 --results /tmp/smoke.json   # a smoke run
 """
@@ -31,22 +35,28 @@ import statistics
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from common import REPO, cpu_header, measure_child, verdict
+from peak import clock_ghz, peak_gflops
 
 DATA = {kind: REPO.parent / "shared" / "data" / f"cifar10-train-{kind}.tar.gz" for kind in ("png", "jpg")}
 CACHE = REPO / "benchmarks" / ".cache"  # git-ignored: the extracted images and prepared arrays
 TARGET = 0.93
-# name -> (params overrides, seeds); the fast ones are `imgclf experiments`' presets as they are
+BF16_BAR = (0.935, 0.93)  # fast-muon-bf16's median and per-seed final dev accuracy (TTA) for bf16 by default
+F32, BF16 = {"train.mixed_precision": "none"}, {"train.mixed_precision": "mixed_bfloat16"}
+# name -> (preset, params overrides, seeds): `imgclf experiments`' presets with the precision pinned (their own
+# `auto` would pick by CPU)
 RUNS = {
-    "fast-float32": ("fast", {}, [51, 52]),
-    "fast-muon": ("fast_muon", {}, [51, 52]),
-    "fast-bf16": ("fast", {"train.mixed_precision": "mixed_bfloat16"}, [51, 52]),
+    "fast-float32": ("fast", F32, [51, 52]),
+    "fast-muon": ("fast_muon", F32, [51, 52]),
+    "fast-muon-bf16": ("fast_muon", BF16, [51, 52]),
+    "fast-bf16": ("fast", BF16, [51, 52]),
     # 7 report epochs (~25-40 min here) outlast fast-bf16's training time, which is all the comparison needs
     "report": (None, {"train.training_epochs": 7}, [51]),
 }
-DEFAULT = ("fast-muon", "fast-float32")  # what runs without --only: the comparison the README quotes
+DEFAULT = ("fast-float32", "fast-muon-bf16", "fast-muon")  # without --only: the table the README quotes
 
 
 def overrides(config: str) -> dict:
@@ -109,6 +119,7 @@ def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict
     sets = overrides(config) | ({"train.training_epochs": epochs} if epochs > 0 else {})
     with tempfile.TemporaryDirectory(prefix="imgclf-tta-bench-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        os.chdir(tmp)  # MLflow puts a sqlite store's artifacts under ./mlruns: here, not in the caller's folder
         from mlflow.tracking import MlflowClient
 
         from imgclf.config import load_params
@@ -128,9 +139,14 @@ def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict
         macs = forward_macs(modelfile.load(out / "model.keras"))
     epochs = sorted(history["epoch_seconds"])
     return {"config": config, "seed": seed, "macs": macs, "train_seconds": summary["train_seconds"],
+            "train_images": summary_train_images(prepared), "precision": params["train"]["mixed_precision"],
             "epochs": [{"epoch": e, **{k: history[k][e] for k in history}} for e in epochs],
             "final_dev_accuracy": metrics["dev"]["accuracy"], "final_dev_f1": metrics["dev"]["f1_macro"],
             "tta": params["evaluate"]["tta"], "device": summary["device"], "data": kind}
+
+
+def summary_train_images(prepared: str) -> int:
+    return json.loads((Path(prepared) / "manifest.json").read_text())["splits"]["train"]["count"]
 
 
 def time_to(epochs: list[dict], target: float) -> float | None:
@@ -163,52 +179,93 @@ def fmt(value, spec: str = ".3f", none: str = "not reached", unit: str = "") -> 
     return none if value is None else format(value, spec) + unit
 
 
+def steps_gflops(r: dict) -> float:
+    """GFLOP/s in the training steps: 6 x forward multiply-adds x images/s (epochs after the first, which
+    traces)."""
+    seconds = statistics.median(e["epoch_seconds"] for e in r["epochs"][1:] or r["epochs"])
+    return 6 * r["macs"] * r["train_images"] / seconds / 1e9
+
+
 def row(config: str, runs: list[dict]) -> str:
     """One configuration's table row (medians over its seeds)."""
     per_epoch = median([statistics.median(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
     outside = median([r["train_seconds"] - sum(e["epoch_seconds"] for e in r["epochs"]) for r in runs])
     reach = [time_to(r["epochs"], TARGET) for r in runs]
+    gflops = median([steps_gflops(r) for r in runs])
+    peak = peak_gflops(runs[0]["precision"], median([r.get("clock_ghz") for r in runs]))
     return (f"| {config} | {', '.join(str(r['seed']) for r in runs)} | {per_epoch:.0f} | {outside:.0f} s "
             f"| {median([r['train_seconds'] for r in runs]) / 60:.1f} min "
+            f"| {fmt(median([r.get('wall_seconds', 0) / 60 for r in runs]), '.1f', 'n/a')} min "
             f"| {fmt(median(reach) if all(t is not None for t in reach) else None, '.0f', unit=' s')} "
             f"({', '.join(fmt(t, '.0f', unit=' s') for t in reach)}) "
-            f"| {fmt(median([r['final_dev_accuracy'] for r in runs]), '.4f')} ({runs[0]['tta']}) "
-            f"| {fmt(median([r['final_dev_f1'] for r in runs]), '.4f')} | {6 * runs[0]['macs'] / 1e9:.2f} |")
+            f"| {fmt(median([r['final_dev_accuracy'] for r in runs]), '.4f')} "
+            f"({', '.join(format(r['final_dev_accuracy'], '.4f') for r in runs)}) "
+            f"| {fmt(median([r['final_dev_f1'] for r in runs]), '.4f')} "
+            f"| {gflops:.0f} ({fmt(peak and gflops / peak, '.0%', 'n/a')} of {fmt(peak, '.0f', 'n/a')}) |")
 
 
-def muon_verdict(by_config: dict[str, list[dict]]) -> list[str]:
-    """fast-muon against fast-float32 on the seeds both ran: wall-time ratio (target <= 0.6) and accuracy."""
-    fast, muon = ({r["seed"]: r for r in by_config.get(c, [])} for c in ("fast-float32", "fast-muon"))
-    seeds = sorted(set(fast) & set(muon))
-    if not seeds:
+def paired(by_config: dict[str, list[dict]], a: str, b: str) -> tuple[list[int], dict, dict]:
+    """The seeds both configurations ran, and each one's runs by seed."""
+    runs_a, runs_b = ({r["seed"]: r for r in by_config.get(c, [])} for c in (a, b))
+    return sorted(set(runs_a) & set(runs_b)), runs_a, runs_b
+
+
+def ratio_verdict(by_config: dict[str, list[dict]], config: str, key: str, what: str) -> list[str]:
+    """`config` against fast-float32 on the seeds both ran: the ratio of `key` (target <= 0.6) and the
+    accuracy it gives up (target <= 0.003)."""
+    seeds, fast, other = paired(by_config, "fast-float32", config)
+    if not seeds or any(other[s].get(key) is None or fast[s].get(key) is None for s in seeds):
         return []
-    ratio = median([muon[s]["train_seconds"] for s in seeds]) / median([fast[s]["train_seconds"] for s in seeds])
-    gap = median([muon[s]["final_dev_accuracy"] for s in seeds]) - median([fast[s]["final_dev_accuracy"] for s in seeds])
-    return [f"\nfast-muon / fast-float32 training time (seeds {', '.join(map(str, seeds))}, medians): {ratio:.3f} "
+    ratio = median([other[s][key] for s in seeds]) / median([fast[s][key] for s in seeds])
+    gap = median([other[s]["final_dev_accuracy"] for s in seeds]) - median([fast[s]["final_dev_accuracy"] for s in seeds])
+    return [f"\n{config} / fast-float32 {what} (seeds {', '.join(map(str, seeds))}, medians): {ratio:.3f} "
             f"{verdict(ratio, 0.6, higher_is_better=False)}; final dev accuracy (TTA) {gap:+.4f} "
             f"{verdict(gap, -0.003)}"]
 
 
+def bf16_verdicts(by_config: dict[str, list[dict]]) -> list[str]:
+    """fast-muon-bf16 against the bar for bfloat16 by default, and its share of the bfloat16 peak."""
+    runs = by_config.get("fast-muon-bf16", [])
+    if not runs:
+        return []
+    accs = [r["final_dev_accuracy"] for r in runs]
+    peak = peak_gflops("mixed_bfloat16", median([r.get("clock_ghz") for r in runs]))
+    if not peak:
+        return []
+    share = median([steps_gflops(r) for r in runs]) / peak
+    return [f"\nfast-muon-bf16 final dev accuracy (TTA): median {median(accs):.4f} "
+            f"{verdict(median(accs), BF16_BAR[0])}, lowest seed {min(accs):.4f} {verdict(min(accs), BF16_BAR[1])} "
+            f"({len(runs)} seed(s)); GFLOP/s in the steps {share:.0%} of the bfloat16 peak {verdict(share, 0.6)}"]
+
+
 def summary(results: list[dict]) -> str:
     """The table printed at the end (medians over seeds). 'outside steps': training time not spent in an
-    epoch's training steps (building, whitening, the per-epoch dev pass, checkpoint and MLflow logging)."""
-    lines = ["| configuration | seeds | s / epoch (steps) | outside steps | training time | time to dev acc >= 0.93 "
-             "| final dev acc (TTA) | final dev macro-F1 | GFLOP per trained image |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    epoch's training steps (building, whitening, the per-epoch dev pass, checkpoint and MLflow logging);
+    'whole run': the fresh process from start to end (imports, train, saving and logging the model, evaluate
+    with TTA)."""
+    lines = ["| configuration | seeds | s / epoch (steps) | outside steps | training time | whole run "
+             "| time to dev acc >= 0.93 | final dev acc (TTA) | final dev macro-F1 | GFLOP/s in steps (of peak) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     by_config: dict[str, list[dict]] = {}
     for r in results:
         by_config.setdefault(r["config"], []).append(r)
     lines += [row(config, runs) for config, runs in by_config.items()]
+    first = results[0] if results else None
+    if first:
+        lines.append(f"\nGFLOP per trained image: {6 * first['macs'] / 1e9:.2f}; clock {fmt(first.get('clock_ghz'), '.2f', 'n/a')} GHz "
+                     "(benchmarks/peak.py)")
     for config, runs in by_config.items():
         for r in runs:
             curve = ", ".join(f"{e['dev_accuracy']:.3f}" for e in r["epochs"])
             lines.append(f"\n{config} seed {r['seed']} dev accuracy per epoch: {curve}")
-    lines += muon_verdict(by_config)
-    fast_time = median([r["train_seconds"] for r in by_config.get("fast-bf16", [])])
+    lines += ratio_verdict(by_config, "fast-muon", "train_seconds", "training time")
+    lines += ratio_verdict(by_config, "fast-muon-bf16", "wall_seconds", "whole run")
+    lines += bf16_verdicts(by_config)
+    fast_time = median([r["train_seconds"] for r in by_config.get("fast-muon-bf16", [])])
     for r in by_config.get("report", []):
         reached = accuracy_within(r["epochs"], fast_time) if fast_time else None
         lines.append(f"\nreport seed {r['seed']}: dev accuracy {fmt(reached and reached[1], '.4f', 'n/a')} after "
-                     f"epoch {reached and reached[0]} within fast-bf16's median training time "
+                     f"epoch {reached and reached[0]} within fast-muon-bf16's median training time "
                      f"({fmt(fast_time, '.0f', 'n/a', ' s')})")
     return "\n".join(lines)
 
@@ -231,7 +288,8 @@ def main() -> int:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], int(args.child[3]), args.child[4])))
         return 0
     args.results = args.results or CACHE / f"results-{args.data}.json"
-    print(cpu_header(), flush=True)
+    ghz = clock_ghz()
+    print(f"{cpu_header()}, clock {fmt(ghz, '.2f', 'not measured')} GHz", flush=True)
     results = json.loads(args.results.read_text()) if args.results.is_file() else []
     if not args.summary:
         prepared = prepared_dir(args.data)
@@ -240,7 +298,9 @@ def main() -> int:
             if (config, seed) in done:
                 continue
             print(f"running {config} seed {seed} ...", flush=True)
-            results.append(measure_child(__file__, [config, str(seed), str(prepared), str(args.epochs), args.data]))
+            start = time.perf_counter()
+            result = measure_child(__file__, [config, str(seed), str(prepared), str(args.epochs), args.data])
+            results.append(result | {"wall_seconds": time.perf_counter() - start, "clock_ghz": ghz})
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1))
             print(summary(results), flush=True)

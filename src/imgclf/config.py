@@ -26,7 +26,7 @@ from imgclf.files.paths import PARAMS_FILE
 from imgclf.schema import BOOL, INT, NUM, STR, Key, check_node, finite, one_of
 
 MONITORS = ("loss", "val_loss", "none")  # early_stopping.py: the report's rule, Keras' rule, no early stop
-PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16", "auto")  # auto: numerics.resolve_precision
 STRATEGIES = ("none", "mirrored", "multi_worker")
 TTA = ("none", "flip", "flip_translate")  # tta.py
 

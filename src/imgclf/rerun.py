@@ -19,7 +19,7 @@ from imgclf.files.prepared_reader import load_prepared
 # Tags whose difference explains a DIFF: see tracking.context's lineage_tags and environment_tags, and
 # training.numerics.cpu_facts.
 ENV_TAGS = ("git_commit", "code_digest", "python_version", "tensorflow_version", "keras_version", "numpy_version",
-            "platform", "device", "numerics", "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES),
+            "platform", "device", "numerics", "mixed_precision", "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES),
             "cpu_count", "tf_intra_op_threads", "tf_inter_op_threads")
 
 

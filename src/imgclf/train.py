@@ -22,7 +22,7 @@ from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
 from imgclf.errors import deferred_interrupts, raise_if_interrupted
 from imgclf.files.atomic import atomic_write, write_json
 from imgclf.metrics import HISTORY_COLUMNS
-from imgclf.training.numerics import precision_policy, seed_everything, use_numerics
+from imgclf.training.numerics import precision_policy, resolve_precision, seed_everything, use_numerics
 from imgclf.files.paths import (CHECKPOINT_DIR, HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, RUN_INFO,
                           TRAIN_SUMMARY)
 from imgclf.files.prepared_reader import load_prepared
@@ -39,6 +39,19 @@ def build_compiled(params: dict, num_classes: int, strategy, x_train: np.ndarray
         family.compile(model, params, steps_per_epoch(len(x_train), cfg["batch_size"]))
     modelfile.check_round_trip(model)  # a layer that would not load back fails now, not after training
     return model
+
+
+def with_precision(params: dict) -> tuple[dict, str]:
+    """params with train.mixed_precision resolved for this machine (`auto`: numerics.resolve_precision) and
+    the chosen policy; it is what builds the net and keys the checkpoint, so a checkpoint written in bfloat16
+    is never resumed in float32."""
+    import tensorflow as tf
+
+    cfg = params["train"]
+    policy, why = resolve_precision(cfg["mixed_precision"], cfg["numerics"], bool(tf.config.list_physical_devices("GPU")))
+    if cfg["mixed_precision"] == "auto":
+        print(f"Precision: {'float32' if policy == 'none' else policy} ({why})")
+    return {**params, "train": {**cfg, "mixed_precision": policy}}, policy
 
 
 def device_name() -> str:
@@ -206,8 +219,9 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     seed_everything(params["seed"], cfg["jit_compile"], cfg["tf32"])
     splits, manifest = load_prepared(prepared_dir)
     # 3. Build the family's net; continue from a checkpoint of this very configuration if one exists.
-    model = build_compiled(params, len(manifest["classes"]), strategy, splits["train"][0])
-    fingerprint = checkpoint.fingerprint(params, manifest["digest"])
+    resolved, policy = with_precision(params)
+    model = build_compiled(resolved, len(manifest["classes"]), strategy, splits["train"][0])
+    fingerprint = checkpoint.fingerprint(resolved, manifest["digest"])
     resume = _resume(model, strategy, ckpt_dir, fingerprint, chief)
     device = device_name()
     print(f"Training {params['model']['arch']} on {device} ({strategy.num_replicas_in_sync} replica(s)): "
@@ -216,7 +230,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     #    Signals are only recorded while it runs and raised at the next batch, in our own code.
     tags = {**(tags or {}), "replicas": str(strategy.num_replicas_in_sync),
             "op_determinism": str(not cfg["jit_compile"]).lower(), "tf32": str(cfg["tf32"]).lower(),
-            "numerics": cfg["numerics"]}
+            "numerics": cfg["numerics"], "mixed_precision": policy}
     with tracker.training_run(params, manifest, model, device, resume and resume["mlflow_run_id"], tags) as run, \
             deferred_interrupts():
         if resume:

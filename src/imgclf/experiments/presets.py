@@ -46,13 +46,13 @@ PRESETS: dict[str, Preset] = {
     # per-step schedule decides the length, so no early stop.
     "fast": Preset((), {
         "model.arch": "fast", "train.batch_size": "1024", "train.training_epochs": str(FAST_EPOCHS),
-        "train.early_stopping.monitor": "none", "evaluate.tta": "flip_translate",
+        "train.early_stopping.monitor": "none", "evaluate.tta": "flip_translate", "train.mixed_precision": "auto",
     }),
     # airbench94_muon's recipe on the same net: Muon on the conv kernels, batch 2000, 8 epochs, no lookahead.
     "fast_muon": Preset((), {
         "model.arch": "fast", "model.fast.optimizer": "muon", "model.fast.lookahead_every": "0",
         "train.batch_size": "2000", "train.training_epochs": str(FAST_MUON_EPOCHS),
-        "train.early_stopping.monitor": "none", "evaluate.tta": "flip_translate",
+        "train.early_stopping.monitor": "none", "evaluate.tta": "flip_translate", "train.mixed_precision": "auto",
     }),
 }
 

@@ -35,6 +35,8 @@ NUMERICS_ENV = {
 
 # The flags that decide which oneDNN kernels run, oldest first.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# Either gives oneDNN bfloat16 multiply-adds at twice float32's rate: what train.mixed_precision=auto looks for.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # Environment switches that change which kernels run or how work is split: those `portable` sets (recorded on
 # every run when set).
 ONEDNN_SWITCHES = tuple(NUMERICS_ENV["portable"])
@@ -97,6 +99,27 @@ def seed_everything(seed: int, jit_compile: bool = False, tf32: bool = False) ->
     tf.config.experimental.enable_tensor_float_32_execution(tf32)
     if not jit_compile:
         tf.config.experimental.enable_op_determinism()
+
+
+def resolve_precision(name: str, numerics: str, gpu: bool, cpuinfo: str | None = None) -> tuple[str, str]:
+    """(policy, why) for train.mixed_precision=`name`; any other value than `auto` is itself.
+
+    auto is mixed_bfloat16 on a CPU with bfloat16 instructions (twice the multiply-add rate; the fast presets
+    keep their accuracy there, docs/performance.md) and float32 elsewhere: on a CPU without them (TensorFlow
+    would emulate bf16, slower than float32), under train.numerics=portable (oneDNN's bf16 kernels are the
+    CPU-specific ones portable turns off) and on a GPU, where the fast presets have always trained in float32.
+    """
+    if name != "auto":
+        return name, "train.mixed_precision"
+    if gpu:
+        return "none", "auto: float32 on a GPU"
+    if numerics == "portable":
+        return "none", "auto: train.numerics=portable keeps float32"
+    flags = cpu_facts(cpuinfo)["cpu_isa"].split()
+    found = [flag for flag in BF16_FLAGS if flag in flags]
+    if found:
+        return "mixed_bfloat16", f"auto: this CPU has {found[0]}"
+    return "none", f"auto: this CPU has no bfloat16 instructions ({' or '.join(BF16_FLAGS)}), float32"
 
 
 @contextlib.contextmanager
