@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY, pipeline_env, run, set_args
 from imgclf import rerun
-from imgclf.training.numerics import cpu_facts
+from imgclf.training.numerics import cpu_facts, resolve_precision
 from imgclf.training.numerics import NUMERICS_ENV
 
 # What a fresh process reports: the mode's variables as TensorFlow sees them, and whether oneDNN's ops are on.
@@ -112,3 +112,22 @@ def test_portable_weights_do_not_depend_on_onednns_isa_and_rerun_trains_in_that_
     # the shell has no portable variables: rerun learns the mode from the run before TensorFlow starts
     rerun = run(["imgclf", "rerun", run_id], prepared_copy)
     assert "MATCH: weights sha256 " + portable in rerun.stdout
+
+
+CPUINFO = "model name\t: Some CPU\nflags\t\t: fpu sse2 {flags}\n"
+
+
+@pytest.mark.parametrize("flags, numerics, gpu, expected", [
+    ("avx2 avx512f avx512_bf16", "native", False, "mixed_bfloat16"),
+    ("avx2 avx512f amx_bf16", "native", False, "mixed_bfloat16"),
+    ("avx2 avx512f", "native", False, "none"),           # no bf16 in hardware: TensorFlow would emulate it
+    ("avx2", "native", False, "none"),
+    ("avx2 avx512f avx512_bf16", "portable", False, "none"),  # portable turns the bf16 kernels off
+    ("avx2 avx512f avx512_bf16", "native", True, "none"),     # the fast presets train in float32 on GPUs
+])
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions(flags, numerics, gpu, expected):
+    policy, why = resolve_precision("auto", numerics, gpu, CPUINFO.format(flags=flags))
+    assert policy == expected and why.startswith("auto: ")
+    # An explicit choice is kept whatever the machine.
+    assert resolve_precision("mixed_float16", numerics, gpu, CPUINFO.format(flags=flags))[0] == "mixed_float16"
+    assert resolve_precision("none", numerics, gpu, CPUINFO.format(flags=flags))[0] == "none"

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, pipeline_env, run, set_args
+from conftest import FAST_TINY, TINY, pipeline_env, run, set_args
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +39,29 @@ def logged_losses(client, run_id: str) -> list[tuple]:
     by_key = [sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys]
     assert [[step for step, _ in steps] for steps in by_key] == [[step for step, _ in by_key[0]]] * len(keys)
     return [(step, *(steps[i][1] for steps in by_key)) for i, (step, _) in enumerate(by_key[0])]
+
+
+def cpu_has_bf16() -> bool:
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+@pytest.mark.long(60)
+def test_auto_precision_follows_the_cpu_is_recorded_and_reruns_bit_identical(prepared_copy):
+    # fast_muon as the presets run it (train.mixed_precision: auto), tiny, on TINY's prepared data.
+    sets = SETTINGS | FAST_TINY | {"data.max_train_samples": TINY["data.max_train_samples"], "train.training_epochs": "2",
+                                   "model.fast.optimizer": "muon", "model.fast.lookahead_every": "0",
+                                   "train.mixed_precision": "auto"}
+    runs = []
+    for _ in range(2):  # two processes
+        proc = run(["imgclf", *set_args(sets), "train"], prepared_copy)
+        runs.append(json.loads((prepared_copy / "reports/train.json").read_text())
+                    | json.loads((prepared_copy / "reports/run.json").read_text()))
+    policy = "mixed_bfloat16" if cpu_has_bf16() else "none"
+    assert f"Precision: {'float32' if policy == 'none' else policy} (auto: " in proc.stdout
+    assert runs[0]["weights_sha256"] == runs[1]["weights_sha256"]
+    logged = MlflowClient(f"sqlite:///{prepared_copy / 'mlflow.db'}").get_run(runs[1]["mlflow_run_id"]).data
+    assert logged.tags["mixed_precision"] == policy and logged.params["train.mixed_precision"] == "auto"
 
 
 @pytest.mark.long(120)

@@ -51,7 +51,7 @@ def test_an_answer_names_the_class_its_probability_and_the_top_k():
 
 
 @pytest.mark.parametrize("tta", ["none", "flip_translate"])
-def test_the_logged_pyfunc_answers_as_imgclf_predict_does(tmp_path, monkeypatch, empty_store, tta):
+def test_the_logged_pyfunc_answers_as_imgclf_predict_does(tmp_path, monkeypatch, empty_store, tta, capfd):
     from imgclf.serving.pyfunc import log_served_model
 
     monkeypatch.chdir(tmp_path)
@@ -61,6 +61,8 @@ def test_the_logged_pyfunc_answers_as_imgclf_predict_does(tmp_path, monkeypatch,
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))))
     with mlflow.start_run() as active:
         log_served_model(model, ["cat", "dog", "owl"], tta, None)
+    logged = capfd.readouterr()
+    assert "Add type hints" not in logged.err + logged.out and "Validating input example" not in logged.err + logged.out
     images = [save_image(tmp_path / "a.png", size=(30, 20)), save_image(tmp_path / "b.png")]
     served = mlflow.pyfunc.load_model(f"runs:/{active.info.run_id}/model")
     pixels = served.predict(np.stack([load_image(p, 12) for p in images]))

@@ -47,8 +47,8 @@ def with_precision(params: dict) -> tuple[dict, str]:
     is never resumed in float32."""
     import tensorflow as tf
 
-    cfg = params["train"]
-    policy, why = resolve_precision(cfg["mixed_precision"], cfg["numerics"], bool(tf.config.list_physical_devices("GPU")))
+    cfg, gpu = params["train"], bool(tf.config.list_physical_devices("GPU"))
+    policy, why = resolve_precision(cfg["mixed_precision"], cfg["numerics"], gpu)
     if cfg["mixed_precision"] == "auto":
         print(f"Precision: {'float32' if policy == 'none' else policy} ({why})")
     return {**params, "train": {**cfg, "mixed_precision": policy}}, policy

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -105,6 +107,11 @@ def answers(probs: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """The pyfunc: the .keras net and class names as artifacts, the TTA and top-k as model_config."""
 
+    # Its input is a tensor or encoded images in any of MLflow's JSON forms, which no single type hint names:
+    # to_images checks it and answers a bad one in one line. Without this MLflow asks for type hints in a
+    # warning each time the class is defined (at import, and again when log_model runs this file).
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         import keras
 
@@ -130,6 +137,18 @@ def package_copy(dest: Path) -> str:
     return str(dest / source.name)
 
 
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """`name`'s INFO lines off for a while (MLflow announces that it validates the input example, per run)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def log_served_model(model, classes: list[str], tta: str, register_as: str | None) -> None:
     """Log the model as the pyfunc `mlflow models serve` runs (this module): the .keras net and the class names as
     artifacts, the package's code beside them, the run's TTA; with its signature and an input example."""
@@ -151,7 +170,7 @@ def log_served_model(model, classes: list[str], tta: str, register_as: str | Non
     # Explicit requirements: MLflow's inference would import the model in a subprocess (slow).
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}",
                     f"pillow=={__import__('PIL').__version__}", f"pandas=={pd.__version__}"]
-    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp, quiet_logger("mlflow.pyfunc"):
         save(model, Path(tmp) / "model.keras")
         (Path(tmp) / "classes.json").write_text(json.dumps(classes))
         mlflow.pyfunc.log_model(

@@ -103,7 +103,8 @@ class ProgressReport(keras.callbacks.Callback):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds `epoch_seconds`, the wall time of the epoch's training and dev pass."""
+    """Adds `epoch_seconds`, the wall time of the epoch's training steps: first in the callback list, it ends
+    before the dev pass, the checkpoint and MLflow (benchmarks/epoch_overheads.py times those apart)."""
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
