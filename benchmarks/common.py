@@ -12,6 +12,35 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The lossless CIFAR-10 PNGs through the folder source: time_to_accuracy.py prepares them, others reuse them.
+PREPARED_PNG = REPO / "benchmarks" / ".cache" / "prepared-png"
+
+
+def png_subset_args(doc: str, configs: list[str], images: int, extra=lambda parser: None, child=None):
+    """The command line of a benchmark that trains CONFIGs on the first --images prepared PNGs for --epochs:
+    parsed args, or None after running `child(config, images, epochs)` when called as a --child (its JSON
+    printed). `extra` adds the benchmark's own options; the prepared PNGs must be there otherwise."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--epochs", type=int, default=3, help="including the untimed first epoch")
+    parser.add_argument("--only", nargs="+", choices=configs, default=configs, help="configurations to run")
+    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "IMAGES", "EPOCHS"), help=argparse.SUPPRESS)
+    extra(parser)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
+        return None
+    require_prepared_png()
+    print(cpu_header(), flush=True)
+    return args
+
+
+def require_prepared_png() -> None:
+    """Exit with one line when the prepared PNGs are not there yet."""
+    if not (PREPARED_PNG / "manifest.json").is_file():
+        raise SystemExit(f"{PREPARED_PNG}: not found; run benchmarks/time_to_accuracy.py first (it prepares the PNGs)")
 
 
 def cpu_header() -> str:

@@ -17,16 +17,13 @@ did not overlap (it runs ahead on tf.data's threads, prefetched).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, cpu_header, measure_child
+from common import PREPARED_PNG, REPO, measure_child, png_subset_args
 
-PREPARED = REPO / "benchmarks" / ".cache" / "prepared-png"
 TRAIN_IMAGES = 45_000
 TARGET = 0.05  # outside-steps time as a share of the epoch (#35)
 CONFIGS = {
@@ -82,7 +79,7 @@ def child(config: str, images: int, epochs: int) -> dict:
     preset, own = CONFIGS[config]
     sets = PRESETS[preset].overrides | own | {"train.training_epochs": epochs}
     params = load_params(REPO / "params.yaml", [f"{k}={v}" for k, v in sets.items()])
-    splits, manifest = load_prepared(PREPARED)
+    splits, manifest = load_prepared(PREPARED_PNG)
     splits["train"] = (splits["train"][0][:images], splits["train"][1][:images])
     train_module.load_prepared = lambda _folder: (splits, manifest)
     parts: dict[str, list[float]] = {}
@@ -91,7 +88,7 @@ def child(config: str, images: int, epochs: int) -> dict:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         os.chdir(tmp)  # MLflow puts a sqlite store's artifacts under ./mlruns: here, not in the caller's folder
         out = Path(tmp)
-        summary = train_module.train(params, PREPARED, out / "model.keras", out, out / "checkpoint")
+        summary = train_module.train(params, PREPARED_PNG, out / "model.keras", out, out / "checkpoint")
         from mlflow.tracking import MlflowClient
 
         steps = [m.value for m in sorted(MlflowClient().get_metric_history(summary["mlflow_run_id"], "epoch_seconds"),
@@ -124,22 +121,11 @@ def report(results: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=6000)
-    parser.add_argument("--epochs", type=int, default=3, help="including the untimed first epoch")
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "IMAGES", "EPOCHS"))
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
+    args = png_subset_args(__doc__, list(CONFIGS), 6000, child=child)
+    if args is None:
         return
-    if not (PREPARED / "manifest.json").is_file():
-        raise SystemExit(f"{PREPARED}: not found; run benchmarks/time_to_accuracy.py first (it prepares the PNGs)")
-    print(cpu_header(), flush=True)
-    results = []
     for config in args.only:
-        results.append(measure_child(__file__, [config, str(args.images), str(args.epochs)]))
-        report(results[-1:])
+        report([measure_child(__file__, [config, str(args.images), str(args.epochs)])])
 
 
 if __name__ == "__main__":

@@ -17,21 +17,19 @@ on the same images; equal weight hashes mean XLA reruns are bit-identical here.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 
-from common import REPO, cpu_header, epoch_timer, measure_child, verdict
+from common import PREPARED_PNG, REPO, epoch_timer, measure_child, png_subset_args, verdict
 
-PREPARED = REPO / "benchmarks" / ".cache" / "prepared-png"
 TRAIN_IMAGES = 45_000
 # name -> (preset, overrides on top of it)
+F32 = {"train.mixed_precision": "none"}  # the presets' own `auto` would pick by CPU
 CONFIGS = {
-    "fast": ("fast", {}),
-    "fast_muon": ("fast_muon", {}),
-    "fast_muon batch 1024": ("fast_muon", {"train.batch_size": 1024}),
+    "fast": ("fast", F32),
+    "fast_muon": ("fast_muon", F32),
+    "fast_muon batch 1024": ("fast_muon", F32 | {"train.batch_size": 1024}),
     "fast_muon bf16": ("fast_muon", {"train.mixed_precision": "mixed_bfloat16"}),
-    "fast_muon XLA": ("fast_muon", {"train.jit_compile": "true"}),
+    "fast_muon XLA": ("fast_muon", F32 | {"train.jit_compile": "true"}),
 }
 
 
@@ -59,7 +57,7 @@ def child(config: str, images: int, epochs: int) -> dict:
     params = load_params(config, {"train.training_epochs": epochs})
     cfg = params["train"]
     seed_everything(params["seed"], cfg["jit_compile"], cfg["tf32"])
-    splits, manifest = load_prepared(PREPARED)
+    splits, manifest = load_prepared(PREPARED_PNG)
     x, y = splits["train"][0][:images], splits["train"][1][:images]
     model = build_compiled(params, len(manifest["classes"]), make_strategy("none"), x)
     times: list[float] = []
@@ -104,21 +102,14 @@ def xla_reruns(images: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=8000)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3, help="including the untimed first epoch")
-    parser.add_argument("--xla-reruns", action="store_true", help="also check XLA reruns for bit-identity")
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                        help="configurations to time (fast always runs: the ratios are against it)")
-    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "IMAGES", "EPOCHS"))
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
+    def options(parser):
+        parser.add_argument("--repeats", type=int, default=2)
+        parser.add_argument("--xla-reruns", action="store_true", help="also check XLA reruns for bit-identity")
+
+    # fast always runs too: the ratios are against it
+    args = png_subset_args(__doc__, list(CONFIGS), 8000, options, child)
+    if args is None:
         return
-    if not (PREPARED / "manifest.json").is_file():
-        raise SystemExit(f"{PREPARED}: not found; run benchmarks/time_to_accuracy.py first (it prepares the PNGs)")
-    print(cpu_header(), flush=True)
     throughput(args.images, args.repeats, args.epochs, args.only)
     if args.xla_reruns:
         xla_reruns(args.images)

@@ -52,10 +52,12 @@ def child(preset: str, mode: str, epochs: int) -> dict:
     from imgclf.experiments.presets import PRESETS
 
     sets = PRESETS["fast"].overrides if preset == "fast" else {}
-    sets |= {"train.training_epochs": epochs, "train.numerics": mode}
+    # float32 in both modes: the fast preset's `auto` would train native runs in bfloat16 on a bf16 CPU
+    sets |= {"train.training_epochs": epochs, "train.numerics": mode, "train.mixed_precision": "none"}
     params = load_params(REPO / "params.yaml", [f"{k}={v}" for k, v in sets.items()])
     with tempfile.TemporaryDirectory(prefix="imgclf-numerics-bench-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        os.chdir(tmp)  # MLflow puts a sqlite store's artifacts under ./mlruns: here, not in the caller's folder
         from mlflow.tracking import MlflowClient
 
         from imgclf.train import train

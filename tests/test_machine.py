@@ -1,4 +1,5 @@
-"""training.numerics.cpu_facts: the CPU model and the ISA flags oneDNN picks its kernels from, recorded on every run."""
+"""training.numerics.cpu_facts (imported as `machine`): the CPU model and the ISA flags oneDNN picks its kernels
+from, recorded on every run."""
 
 from __future__ import annotations
 
@@ -13,20 +14,20 @@ AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx
 def test_the_isa_flags_tell_an_avx512_bf16_machine_from_an_avx2_one(monkeypatch):
     for name in machine.ONEDNN_SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    assert training.numerics.cpu_facts(AVX512) == {"cpu_model": "AMD EPYC 9R14", "cpu_isa": "avx2 avx512f avx512_bf16"}
-    assert training.numerics.cpu_facts(AVX2) == {"cpu_model": "AMD EPYC 7B12", "cpu_isa": "avx2"}
+    assert machine.cpu_facts(AVX512) == {"cpu_model": "AMD EPYC 9R14", "cpu_isa": "avx2 avx512f avx512_bf16"}
+    assert machine.cpu_facts(AVX2) == {"cpu_model": "AMD EPYC 7B12", "cpu_isa": "avx2"}
 
 
 def test_onednn_switches_are_recorded_when_set(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
-    assert training.numerics.cpu_facts(AVX512)["onednn_max_cpu_isa"] == "AVX2"
-    assert "tf_enable_onednn_opts" not in training.numerics.cpu_facts(AVX512)
+    assert machine.cpu_facts(AVX512)["onednn_max_cpu_isa"] == "AVX2"
+    assert "tf_enable_onednn_opts" not in machine.cpu_facts(AVX512)
 
 
 def test_this_machines_facts_come_from_proc_cpuinfo():
     info = Path("/proc/cpuinfo").read_text()
-    facts = training.numerics.cpu_facts()
+    facts = machine.cpu_facts()
     assert facts["cpu_model"] in info
     flags = info.split("flags")[1].splitlines()[0].split()
     assert facts["cpu_isa"].split() == [f for f in machine.ISA_FLAGS if f in flags]
