@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PREPARED_PNG, REPO, measure_child, png_subset_args
+from common import PREPARED_PNG, REPO, measure_child, png_subset_args, verdict
 
 TRAIN_IMAGES = 45_000
 TARGET = 0.05  # outside-steps time as a share of the epoch (#35)
@@ -94,30 +94,28 @@ def child(config: str, images: int, epochs: int) -> dict:
         steps = [m.value for m in sorted(MlflowClient().get_metric_history(summary["mlflow_run_id"], "epoch_seconds"),
                                          key=lambda m: m.step)]
     parts.pop("EpochTimer")  # it records the steps' time (above), its own is nil
-    per_part = {name: statistics.median(times[1:]) for name, times in parts.items()}
-    outside = summary["train_seconds"] - sum(steps)
-    return {"config": config, "images": images, "steps_s": statistics.median(steps[1:]), "parts": per_part, "all_parts": parts,
-            "first_epoch_s": steps[0], "outside_total_s": outside, "train_seconds": summary["train_seconds"],
-            "precision": params["train"]["mixed_precision"],
+    return {"config": config, "images": images, "precision": params["train"]["mixed_precision"], "steps": steps,
+            "parts": parts, "outside_total_s": summary["train_seconds"] - sum(steps),
             "pipeline_images_per_s": pipeline_rate(params, *splits["train"])}
 
 
-def report(results: list[dict]) -> None:
-    """Per configuration: each part's median seconds per epoch and the projected share of a full epoch."""
-    for r in results:
-        step_rate = r["images"] / r["steps_s"]
-        full_steps = TRAIN_IMAGES / step_rate
-        parts = sum(r["parts"].values())
-        share = parts / (full_steps + parts)
-        print(f"\n{r['config']} ({r['precision']}): steps {step_rate:.1f} images/s -> {full_steps:.0f} s per "
-              f"45,000-image epoch; input pipeline alone {r['pipeline_images_per_s']:.0f} images/s "
-              f"({step_rate / r['pipeline_images_per_s']:.0%} of a step's time if it did not overlap)")
-        for name, seconds in sorted(r["parts"].items(), key=lambda kv: -kv[1]):
-            print(f"  {name:22} {seconds:7.3f} s per epoch")
-        once = r["outside_total_s"] - sum(sum(times) for times in r["all_parts"].values())
-        print(f"  outside steps per epoch: {parts:.2f} s = {share:.1%} of a full epoch "
-              f"({'met' if share <= TARGET else 'MISSED'} (target <= {TARGET:.0%})); first epoch {r['first_epoch_s']:.0f} s "
-              f"(tracing); once per run (build, whitening, MLflow run): {once:.0f} s")
+def report(r: dict) -> None:
+    """One configuration: each part's median seconds per epoch (the first epoch's dropped) and their projected
+    share of a full epoch."""
+    step_rate = r["images"] / statistics.median(r["steps"][1:])
+    full_steps = TRAIN_IMAGES / step_rate
+    per_epoch = {name: statistics.median(times[1:]) for name, times in r["parts"].items()}
+    parts = sum(per_epoch.values())
+    share = parts / (full_steps + parts)
+    print(f"\n{r['config']} ({r['precision']}): steps {step_rate:.1f} images/s -> {full_steps:.0f} s per "
+          f"45,000-image epoch; input pipeline alone {r['pipeline_images_per_s']:.0f} images/s "
+          f"({step_rate / r['pipeline_images_per_s']:.0%} of a step's time if it did not overlap)")
+    for name, seconds in sorted(per_epoch.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:22} {seconds:7.3f} s per epoch")
+    once = r["outside_total_s"] - sum(sum(times) for times in r["parts"].values())
+    print(f"  outside steps per epoch: {parts:.2f} s = {share:.1%} of a full epoch, "
+          f"{verdict(share, TARGET, higher_is_better=False)}; first epoch {r['steps'][0]:.0f} s (tracing); "
+          f"once per run (build, whitening, MLflow run): {once:.0f} s")
 
 
 def main() -> None:
@@ -125,7 +123,7 @@ def main() -> None:
     if args is None:
         return
     for config in args.only:
-        report([measure_child(__file__, [config, str(args.images), str(args.epochs)])])
+        report(measure_child(__file__, [config, str(args.images), str(args.epochs)]))
 
 
 if __name__ == "__main__":

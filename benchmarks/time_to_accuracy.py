@@ -138,15 +138,12 @@ def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict
 
         macs = forward_macs(modelfile.load(out / "model.keras"))
     epochs = sorted(history["epoch_seconds"])
+    train_images = json.loads((Path(prepared) / "manifest.json").read_text())["splits"]["train"]["count"]
     return {"config": config, "seed": seed, "macs": macs, "train_seconds": summary["train_seconds"],
-            "train_images": summary_train_images(prepared), "precision": params["train"]["mixed_precision"],
+            "train_images": train_images, "precision": params["train"]["mixed_precision"],
             "epochs": [{"epoch": e, **{k: history[k][e] for k in history}} for e in epochs],
             "final_dev_accuracy": metrics["dev"]["accuracy"], "final_dev_f1": metrics["dev"]["f1_macro"],
             "tta": params["evaluate"]["tta"], "device": summary["device"], "data": kind}
-
-
-def summary_train_images(prepared: str) -> int:
-    return json.loads((Path(prepared) / "manifest.json").read_text())["splits"]["train"]["count"]
 
 
 def time_to(epochs: list[dict], target: float) -> float | None:
@@ -204,16 +201,11 @@ def row(config: str, runs: list[dict]) -> str:
             f"| {gflops:.0f} ({fmt(peak and gflops / peak, '.0%', 'n/a')} of {fmt(peak, '.0f', 'n/a')}) |")
 
 
-def paired(by_config: dict[str, list[dict]], a: str, b: str) -> tuple[list[int], dict, dict]:
-    """The seeds both configurations ran, and each one's runs by seed."""
-    runs_a, runs_b = ({r["seed"]: r for r in by_config.get(c, [])} for c in (a, b))
-    return sorted(set(runs_a) & set(runs_b)), runs_a, runs_b
-
-
 def ratio_verdict(by_config: dict[str, list[dict]], config: str, key: str, what: str) -> list[str]:
     """`config` against fast-float32 on the seeds both ran: the ratio of `key` (target <= 0.6) and the
     accuracy it gives up (target <= 0.003)."""
-    seeds, fast, other = paired(by_config, "fast-float32", config)
+    fast, other = ({r["seed"]: r for r in by_config.get(c, [])} for c in ("fast-float32", config))
+    seeds = sorted(set(fast) & set(other))
     if not seeds or any(other[s].get(key) is None or fast[s].get(key) is None for s in seeds):
         return []
     ratio = median([other[s][key] for s in seeds]) / median([fast[s][key] for s in seeds])

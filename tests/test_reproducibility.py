@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_TINY, TINY, pipeline_env, run, set_args
+from imgclf.training.numerics import cpu_facts
 
 pytestmark = pytest.mark.e2e
 
@@ -42,8 +43,7 @@ def logged_losses(client, run_id: str) -> list[tuple]:
 
 
 def cpu_has_bf16() -> bool:
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_facts()["cpu_isa"].split()))  # cpu_facts: test_machine.py
 
 
 @pytest.mark.long(60)
