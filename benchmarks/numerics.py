@@ -12,11 +12,14 @@ Configurations are interleaved and repeated (--repeats), so load from other proc
   when that folder is missing.
 
 A native hash that changes with the cap shows that oneDNN's ISA is felt; a portable hash that does not change
-with what the shell asks shows that the mode pins it. Neither simulates another CPU's cache sizes: see
-docs/reproducibility.md.
+with what the shell asks shows that the mode pins it. `native, AVX2 path` runs native as TensorFlow does on an
+AVX2-only CPU (its oneDNN ops off, oneDNN's sgemm at AVX2): portable's cost there is its ratio to that row.
+`portable, Zen 3's cache sizes` pins Eigen's L2 to 512 KB, as a Zen 3 reads it: its hash is the one a Zen 3
+gives in portable mode (docs/reproducibility.md).
 
     python benchmarks/numerics.py [--epochs 3] [--repeats 1] [--only report|fast]
     python benchmarks/numerics.py --modes native portable --repeats 3   # timing only, more repeats
+    python benchmarks/numerics.py --only report --modes native "native, AVX2 path" portable --repeats 3
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ MODES = {
     "portable": ("portable", {}),
     # portable sets its own cap: what the shell asks for must not matter
     "portable, shell asks for AVX-512 BF16": ("portable", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}),
+    # native as an AVX2-only CPU runs it: TensorFlow leaves its oneDNN ops off there (the contractions' sgemm is
+    # still oneDNN's, at AVX2). Portable's own settings already are these, so its runs serve both comparisons.
+    "native, AVX2 path": ("native", {"TF_ENABLE_ONEDNN_OPTS": "0", "ONEDNN_MAX_CPU_ISA": "AVX2"}),
+    # portable with Eigen's L2 pinned to a Zen 3's 512 KB (eigen_cache.SIZES_ENV): its hash is that CPU's
+    "portable, Zen 3's cache sizes": ("portable", {"IMGCLF_EIGEN_CACHE_SIZES": "32768,524288,268435456"}),
 }
 
 
@@ -90,8 +98,11 @@ def table(preset: str, runs: dict[str, list[dict]]) -> list[str]:
         lines.append(f"| {name} | {per_epoch[name]:.1f} | {per_epoch[name] / per_epoch['native']:.2f} "
                      f"| {', '.join(hashes)} | {rs[0]['loss'][0]:.6f} |")
     for mode in ("native", "portable"):
-        both = [r for name, rs in runs.items() if name.split(",")[0] == mode for r in rs]
+        both = [r for name, rs in runs.items() if name.split(",")[0] == mode and "Zen 3" not in name for r in rs]
         lines.append(f"{mode}: {len({r['weights_sha256'] for r in both})} hash(es) over its {len(both)} runs")
+    if "portable" in per_epoch and "native, AVX2 path" in per_epoch:
+        lines.append(f"portable / native on the emulated AVX2 path: "
+                     f"{per_epoch['portable'] / per_epoch['native, AVX2 path']:.2f}")
     return lines
 
 

@@ -2,7 +2,7 @@
 
 A stage's code is its module (`imgclf <stage>` runs `imgclf.<stage>.main`) and every module of the
 package it imports, at any depth, at module level or inside a function. Importing a plug-in package
-(data/sources/, training/families/: an `__init__.py` that imports imgclf.registry) counts as importing every
+(data/sources/, training/families/: an `__init__.py` that imports imgclf.plugins) counts as importing every
 module in it: its registry loads them all. Importing a module of any other sub-package (a wing: files/,
 tracking/, ...) brings that module and the `__init__.py` files above it, not its siblings.
 
@@ -52,7 +52,7 @@ def direct_imports(path: Path) -> set[str]:
 
 def plug_in_package(path: Path) -> bool:
     """Whether `path` is the __init__.py of a plug-in package: it makes a registry, which imports its whole folder."""
-    return path.name == "__init__.py" and f"{PACKAGE}.registry" in direct_imports(path)
+    return path.name == "__init__.py" and f"{PACKAGE}.plugins" in direct_imports(path)
 
 
 def expand(module: str) -> set[str]:
@@ -84,6 +84,18 @@ def closure_files(module: str) -> set[str]:
     return {module_file(m).relative_to(REPO).as_posix() for m in closure(module)}
 
 
+# params.yaml keys that the config layer (config.py, the CLI's front door) turns into other values before a stage
+# runs, with the module that defines how: a stage whose dvc.yaml params list the key depends on that module too.
+EXPANDED_BY = {"preset": f"{PACKAGE}.experiments.presets"}
+
+
+def stage_code(name: str, stage: dict) -> set[str]:
+    """The stage's import closure, plus the modules that expand the params it lists."""
+    listed = {p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])}
+    return closure_files(f"{PACKAGE}.{name}").union(
+        *(closure_files(module) for key, module in EXPANDED_BY.items() if key in listed))
+
+
 def covered(path: str, deps: list[str]) -> bool:
     """Whether a dvc.yaml dep is the file or a folder above it."""
     return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
@@ -95,7 +107,7 @@ def stage_problems(dvc_yaml: Path = REPO / "dvc.yaml") -> list[str]:
     problems = []
     for name, stage in stages.items():
         deps = [d for d in stage.get("deps", []) if d.startswith(f"src/{PACKAGE}/")]
-        code = closure_files(f"{PACKAGE}.{name}")
+        code = stage_code(name, stage)
         problems += [f"stage {name}: dvc.yaml misses {path}" for path in sorted(code) if not covered(path, deps)]
         problems += [f"stage {name}: dvc.yaml lists {dep}, which the stage does not import"
                      for dep in deps if not any(covered(path, [dep]) for path in code)]

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Team mode's system packages (docs/team.md): PostgreSQL 15's server and OpenSSH's sshd, from Debian's
-# packages, installed only when missing. `make test` and `make team-server` call this; CI runs as root on a
+# The system packages the tests need, from Debian's packages, installed only when missing: team mode's
+# PostgreSQL 15 server and OpenSSH's sshd (docs/team.md), and Chromium, which draws `dvc plots show`'s page
+# offline (tests/test_plots.py). `make test` and `make team-server` call this; CI runs as root on a
 # fresh machine, so it installs there. Without root it only says what is missing (the tests then name it).
 set -euo pipefail
 
 missing=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] && [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REPO
 from imgclf.config import ConfigError, load_params, validate
@@ -179,3 +181,95 @@ def test_flatten_uses_dots():
 
 def test_the_largest_seed_numpy_accepts_is_valid():
     assert validate(params_with(seed=2**32 - 1))["seed"] == 2**32 - 1
+
+
+# --- params.yaml's `preset` switch (config.expand_preset) -----------------------------------------------------
+
+
+def params_file(tmp_path, **changes):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params_with(**changes), sort_keys=False))
+    return path
+
+
+def test_shipped_values_are_params_yaml_s_and_cover_every_key_a_preset_sets():
+    from imgclf.experiments.presets import PRESETS, SHIPPED
+
+    assert set(SHIPPED) == {"tracking.variant"}.union(*(p.overrides for p in PRESETS.values()))
+    assert {key: flatten(DEFAULT)[key] for key in SHIPPED} == SHIPPED
+    assert DEFAULT["preset"] is None  # the default run stays the report's
+
+
+@pytest.mark.parametrize("name", ["fast_muon", "shallow_dropout", "no_256"])
+def test_a_preset_expands_to_its_overrides_from_the_cli_or_the_file(tmp_path, name):
+    from imgclf.config import parse_yaml
+    from imgclf.experiments.presets import PRESETS
+
+    by_cli = load_params(REPO / "params.yaml", [f"preset={name}"])
+    by_file = load_params(params_file(tmp_path, preset=name))  # as `dvc exp run -S preset=...` leaves it
+    assert by_cli == by_file
+    flat = flatten(by_cli)
+    assert {k: flat[k] for k in PRESETS[name].overrides} == {k: parse_yaml(v) for k, v in
+                                                             PRESETS[name].overrides.items()}
+    assert flat["preset"] == name and flat["tracking.variant"] == name  # logged as params and the variant tag
+    untouched = set(flat) - set(PRESETS[name].overrides) - {"preset", "tracking.variant"}
+    assert {k: flat[k] for k in untouched} == {k: flatten(DEFAULT)[k] for k in untouched}
+
+
+def test_the_fast_muon_preset_is_what_imgclf_experiments_queues():
+    from imgclf.experiments.command import queue_args
+
+    args = queue_args("fast_muon", 51, [])
+    queued = load_params(REPO / "params.yaml", [a for a in args[args.index("-S"):] if a != "-S"])
+    assert load_params(REPO / "params.yaml", ["preset=fast_muon"]) == queued | {"preset": "fast_muon"}
+
+
+def test_explicit_keys_win_over_the_preset(tmp_path):
+    # imgclf -S: explicit wherever it comes in the list, even at the shipped value or for a whole section
+    params = load_params(REPO / "params.yaml", ["train.training_epochs=2", "preset=fast_muon",
+                                                "train.batch_size=128", "evaluate={tta: flip}"])
+    assert (params["train"]["training_epochs"], params["train"]["batch_size"]) == (2, 128)
+    assert params["evaluate"]["tta"] == "flip" and params["model"]["fast"]["optimizer"] == "muon"
+    # dvc exp run -S (written into params.yaml) or an edit: any value other than the shipped one is someone's
+    path = params_file(tmp_path, preset="fast_muon", **{"train.training_epochs": 2, "tracking.variant": "mine"})
+    params = load_params(path)
+    assert params["train"]["training_epochs"] == 2 and params["tracking"]["variant"] == "mine"
+    assert params["train"]["batch_size"] == 2000 and params["model"]["arch"] == "fast"
+
+
+def test_expansion_is_idempotent_so_a_logged_params_yaml_gives_the_same_run(tmp_path):
+    once = load_params(REPO / "params.yaml", ["preset=fast", "train.training_epochs=3"])
+    path = tmp_path / "logged.yaml"
+    path.write_text(yaml.safe_dump(once, sort_keys=False))  # the params.yaml artifact a run logs
+    assert load_params(path) == once
+
+
+@pytest.mark.parametrize("value", ["fast-muon", "FAST", "", "fast_muon ", 3, ["fast"], {"a": 1}, True])
+def test_an_unknown_preset_is_one_line_naming_the_culprit_and_the_valid_ones(tmp_path, value):
+    from imgclf.experiments.presets import PRESETS
+
+    with pytest.raises(ConfigError) as err:
+        load_params(params_file(tmp_path, preset=value), ["train.training_epochs=2"])
+    problems = str(err.value).split(": ", 1)[1].split(" -- fix ")[0]  # without the file's path
+    assert "\n" not in problems and problems.startswith("preset") and problems.count("preset") == 1
+    if isinstance(value, str):
+        assert problems == f"preset={value!r}: must be one of {', '.join(PRESETS)}, or null"
+    assert load_params(REPO / "params.yaml", ["preset=null"]) == load_params(REPO / "params.yaml")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.text(max_size=20), st.sampled_from(["fast", "fast_muon", "no_512", "null", "~", "[fast]"])))
+def test_any_preset_text_expands_or_is_refused_in_one_line(text):
+    from imgclf.config import parse_yaml
+    from imgclf.experiments.presets import PRESETS
+
+    try:
+        value = parse_yaml(text)
+    except yaml.YAMLError:
+        return  # refused as invalid YAML by the override parser (test_overrides_apply_then_validate)
+    try:
+        params = load_params(REPO / "params.yaml", [f"preset={text}"])
+    except ConfigError as err:
+        assert not (isinstance(value, str) and value in PRESETS) and "\n" not in str(err) and "preset" in str(err)
+    else:
+        assert value is None or params["model"] != DEFAULT["model"] or params["train"] != DEFAULT["train"]

@@ -174,3 +174,18 @@ def test_the_readme_is_a_front_page():
     dated = [line for line in text.splitlines() if re.search(r"\b20\d\d-\d\d-\d\d\b", line)]
     assert not dated, dated
     assert (REPO / "LICENSE").is_file()
+
+
+# Counts of tests and of table rows go stale with the next change: the docs state none (the suite and the tables
+# themselves are the record), so "415 tests" or "27 of the 28 rows" cannot become untrue later.
+STALE_COUNT = re.compile(r"\b\d[\d,]* (unit |end-to-end |e2e )?tests\b|\b\d+ of the \d+ rows\b")
+
+
+@pytest.mark.parametrize("doc", [*DOCS, REPO / "data/raw/README.md"], ids=lambda p: p.name)
+def test_no_counts_of_tests_or_rows_that_go_stale(doc):
+    assert STALE_COUNT.findall(doc.read_text()) == [], f"{doc.name}: say what was measured without the count"
+
+
+def test_the_stale_count_pattern_catches_what_went_stale_before():
+    assert STALE_COUNT.search("median 9:13 for 415 tests") and STALE_COUNT.search("27 of the 28 rows hold")
+    assert not STALE_COUNT.search("the tests' tiny net") and not STALE_COUNT.search("2 epochs on 500 digits")

@@ -87,6 +87,25 @@ def test_every_variant_runs_through_the_dvc_queue_into_the_repo_store(repo_copy)
     assert table in again.stdout and "Queued" not in again.stdout
 
 
+@pytest.mark.e2e
+def test_dvc_exp_run_with_a_preset_logs_the_expanded_params_and_explicit_keys_win(repo_copy):
+    tiny = {"model.fast.widths": "[8, 16, 16]", "model.fast.whiten_images": "100", "train.batch_size": "32",
+            "train.training_epochs": "2", "data.max_train_samples": "200"}  # the last three are fast_muon's too
+    run(["dvc", "exp", "run", "-S", "preset=fast_muon", *set_args(tiny)], repo_copy)
+    (r,) = finished_runs(f"sqlite:///{repo_copy / 'mlflow.db'}", "imgclf")
+    logged = r.data.params
+    assert logged["preset"] == "fast_muon" and r.data.tags["variant"] == "fast_muon"
+    assert {k: logged[k] for k in ("model.arch", "model.fast.optimizer", "model.fast.lookahead_every",
+                                   "train.early_stopping.monitor", "evaluate.tta", "train.mixed_precision")} == {
+        "model.arch": "fast", "model.fast.optimizer": "muon", "model.fast.lookahead_every": "0",
+        "train.early_stopping.monitor": "none", "evaluate.tta": "flip_translate", "train.mixed_precision": "auto"}
+    assert (logged["train.batch_size"], logged["train.training_epochs"]) == ("32", "2")  # -S won
+    assert r.data.metrics["epochs_run"] == 2 and r.data.tags["evaluated"] == "true"
+    lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]
+    assert lock["train"]["params"]["params.yaml"]["preset"] == "fast_muon"  # DVC sees the switch change
+    assert lock["evaluate"]["params"]["params.yaml"]["preset"] == "fast_muon"
+
+
 def pids(folder, pattern: str) -> list[int]:
     """The pids in dvc-task's process info files (skipping one still being written)."""
     found = []
@@ -146,6 +165,19 @@ def test_collapsed_runs_are_marked_and_left_out_of_the_second_mean():
     assert line.startswith("| report_final | 51, 52, 53 | 0.486 ± 0.406 | 0.720 ± 0.028 | 1/3 (51) | 6, 6, 6 |")
     (line,) = [r for r in markdown([summarize("fast", [FakeRun(51, 0.1, True)])]).splitlines() if "| fast |" in r]
     assert "| 0.100 ± 0.000 | — | 1/1 (51) |" in line and line.endswith("| — |")  # no report number for fast
+
+
+def test_early_stops_are_counted_from_metrics_and_from_the_params_and_tags_of_runs_logged_before_43():
+    new_stopped, new_ran_all = FakeRun(51, 0.7, False), FakeRun(52, 0.7, False)
+    for fake, value in ((new_stopped, 1.0), (new_ran_all, 0.0)):
+        del fake.data.tags["early_stopped"]  # a metric now; the tag may go one day
+        fake.data.metrics["early_stopped"] = value
+    old_param = FakeRun(53, 0.7, False)
+    old_param.data.params["early_stopped"] = "True"
+    old_tag = FakeRun(54, 0.7, False)
+    old_tag.data.tags["early_stopped"] = "True"
+    runs = [new_stopped, new_ran_all, old_param, old_tag, FakeRun(55, 0.7, False)]
+    assert summarize("report_final", runs)["early_stopped"] == 3
 
 
 def test_the_table_counts_only_evaluated_runs(tmp_path, monkeypatch, empty_store):

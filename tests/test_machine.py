@@ -31,3 +31,13 @@ def test_this_machines_facts_come_from_proc_cpuinfo():
     assert facts["cpu_model"] in info
     flags = info.split("flags")[1].splitlines()[0].split()
     assert facts["cpu_isa"].split() == [f for f in machine.ISA_FLAGS if f in flags]
+
+
+def test_tensorflows_onednn_ops_are_on_by_default_only_with_vnni_bf16_or_amx():
+    """TensorFlow's own policy (DefaultOneDnnPolicy): the tests that expect oneDNN's ops in native mode take the
+    expectation from this, so the suite holds on AVX2-only CPUs, where they are off."""
+    assert machine.onednn_ops_by_default(AVX512) is True
+    assert machine.onednn_ops_by_default(AVX2) is False
+    alder_lake = AVX2.replace("fma", "fma avx_vnni")  # an AVX2-only Intel client core with AVX-VNNI
+    assert machine.onednn_ops_by_default(alder_lake) is True
+    assert machine.onednn_ops_by_default("") is False

@@ -157,7 +157,7 @@ def test_a_collapse_is_warned_tagged_reported_and_still_evaluated(trained_copy):
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
     r = client.get_run(json.loads((repo_copy / "reports/run.json").read_text())["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.data.tags["collapsed"] == "true"
-    assert r.data.tags["collapsed_epoch"] == str(trained["collapsed_epoch"]) and r.data.params["stop_reason"] == "collapsed"
+    assert r.data.tags["collapsed_epoch"] == str(trained["collapsed_epoch"]) and r.data.tags["stop_reason"] == "collapsed"
     table = run(["imgclf", "experiments", "--table"], repo_copy).stdout
     row = next(line for line in table.splitlines() if line.startswith("| report_final |"))
     assert "| 1/1 (51) |" in row and "| — |" in row  # marked, and no mean left without it

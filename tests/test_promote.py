@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from mlflow.entities import LoggedModelOutput
 from mlflow.tracking import MlflowClient
 
 from conftest import error_line, run
@@ -56,3 +57,37 @@ def test_a_run_that_was_never_evaluated_is_not_promoted(trained, trained_copy):
     assert proc.returncode == 2 and error_line(proc.stderr, "promote") == (
         f"imgclf promote: error: MLflow run {trained.run_id} has no final dev_f1_macro (its evaluate stage did not "
         "finish); evaluate it first (`dvc repro`), or pick an evaluated run in `mlflow ui`")
+
+
+def test_a_model_name_with_quotes_is_registered_found_again_and_promoted(trained, trained_copy):
+    # the registry's search filter was built by string formatting: a name with ' broke it
+    repo, first, name = trained_copy, trained.run_id, "o'brien \"x\" model"
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run(["imgclf", "promote", first, "--name", name], repo)
+    assert client.get_model_version_by_alias(name, "champion").run_id == first
+    run(["imgclf", "promote", first, "--name", name, "--alias", "prod"], repo)  # found, not registered again
+    assert [str(v.version) for v in client.search_model_versions(f"run_id = '{first}'")] == ["1"]
+    assert client.get_model_version_by_alias(name, "prod").run_id == first
+
+
+def test_a_run_evaluated_on_other_data_is_refused_unless_forced(trained, trained_copy):
+    # a smoke run (data.max_train_samples) scored on other data replaced the champion without --force
+    repo, first = trained_copy, trained.run_id
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run(["imgclf", "promote", first], repo)
+    original = client.get_run(first)
+    tags = {"evaluated": "true", "data_digest": "0" * 64}
+    smoke = client.create_run(original.info.experiment_id, tags=tags).info.run_id
+    client.log_metric(smoke, "dev_f1_macro", original.data.metrics["dev_f1_macro"] + 0.1)  # better, on other data
+    client.log_outputs(smoke, [LoggedModelOutput(original.outputs.model_outputs[-1].model_id, 0)])
+    client.set_terminated(smoke)
+    proc = run(["imgclf", "promote", smoke], repo, check=False)
+    assert proc.returncode == 2 and error_line(proc.stderr, "promote") == (
+        f"imgclf promote: error: MLflow run {smoke} was evaluated on other data (data_digest 000000000000) than "
+        f"version 1 (run {first}, {original.data.tags['data_digest'][:12]}), @champion now: their dev_f1_macro "
+        "cannot be compared; pass --force to promote it anyway")
+    assert client.get_model_version_by_alias("imgclf", "champion").run_id == first
+    run(["imgclf", "promote", smoke, "--force"], repo)
+    version = client.get_model_version_by_alias("imgclf", "champion")
+    # the smoke run shares the first run's logged model, so the new version is that model's (run_id: the first)
+    assert str(version.version) == "2" and version.tags["promote_reason"].endswith("(not compared, --force)")

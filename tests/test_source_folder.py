@@ -146,3 +146,12 @@ def test_folder_unreadable_subfolder_is_refused_not_skipped(tmp_path, monkeypatc
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(DataError, match=f"{locked}: unreadable \\(Permission denied\\)"):
         load_folder(root)
+
+
+def test_a_fifo_named_like_an_image_is_refused_before_it_is_read(tmp_path):
+    """Opened blocking and read whole, a FIFO hangs prepare (nothing ever writes to it)."""
+    root = make_folder(tmp_path / "imgs")
+    fifo = root / "train" / "dog" / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=f"{fifo}: not a regular file"):
+        prepare(with_workers(make_params("folder", str(root)), 2), tmp_path / "out")

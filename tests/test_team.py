@@ -62,6 +62,17 @@ class TeamServer:
     def text(self, offset: int = 0) -> str:
         return self.output.read_text()[offset:]
 
+    @property
+    def auth(self) -> tuple[str, str]:
+        """The admin's user name and password: `imgclf-team serve` writes the password on first start."""
+        return "admin", (self.root / "data/admin.password").read_text().strip()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A team member's shell: the server's URI and the admin's credentials (MLflow's basic auth is on)."""
+        user, password = self.auth
+        return pipeline_env(MLFLOW_TRACKING_URI=self.uri, MLFLOW_TRACKING_USERNAME=user,
+                            MLFLOW_TRACKING_PASSWORD=password, **extra)
+
     def log_tail(self, lines: int = 80) -> str:
         """The end of the MLflow server's own log (requests and their status, tracebacks of the ones that failed)."""
         try:
@@ -92,10 +103,15 @@ class TeamServer:
 
 @pytest.fixture(scope="module")
 def team():
+    """The module's team server; this process's MLflow clients log in as its admin."""
     server = TeamServer()
     try:
         server.start()
-        yield server
+        with pytest.MonkeyPatch.context() as patch:
+            user, password = server.auth
+            patch.setenv("MLFLOW_TRACKING_USERNAME", user)
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            yield server
     finally:
         server.cleanup()
 
@@ -157,7 +173,7 @@ def predicted(repo: Path, image: Path, *source: str, env: dict) -> str:
 
 
 def test_move_in_copies_a_clones_runs_which_predict_and_rerun_then_use(team, repo, local_run):
-    env = pipeline_env(MLFLOW_TRACKING_URI=team.uri)
+    env = team.env()
     moved = run([str(BIN / "imgclf-team"), "move-in", "--from", f"sqlite:///{repo / 'mlflow.db'}"], repo, env)
     new_id = re.search(rf"moved run {local_run} \(.*\) of 'imgclf' -> (\w+)", moved.stdout).group(1)
     src, dst = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}"), MlflowClient(team.uri)
@@ -183,7 +199,7 @@ def test_move_in_copies_a_clones_runs_which_predict_and_rerun_then_use(team, rep
 
 
 def test_two_queued_experiments_log_each_epoch_once_and_register_on_the_server(team, repo):
-    env = pipeline_env(MLFLOW_TRACKING_URI=team.uri)
+    env = team.env()
     run(["imgclf", "experiments", "--variants", "report_final", "--seeds", "52", "53", "--jobs", "2",
          "-S", "tracking.experiment=team-queue", "-S", "tracking.register_model=teamnet"], repo, env, timeout=900)
     runs = finished_runs(team.uri, "team-queue")
@@ -201,10 +217,10 @@ def test_two_queued_experiments_log_each_epoch_once_and_register_on_the_server(t
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
 
     # What `mlflow ui` asks for: its page, and the runs of the experiment through its ajax API.
-    assert "<title>MLflow</title>" in requests.get(team.uri, timeout=10).text
+    assert "<title>MLflow</title>" in requests.get(team.uri, auth=team.auth, timeout=10).text
     exp_id = runs[0].info.experiment_id
     listed = requests.post(f"{team.uri}/ajax-api/2.0/mlflow/runs/search", json={"experiment_ids": [exp_id]},
-                           timeout=10).json()["runs"]
+                           auth=team.auth, timeout=10).json()["runs"]
     assert sorted(r["info"]["run_id"] for r in listed) == sorted(r.info.run_id for r in runs)
 
 

@@ -49,14 +49,15 @@ def test_two_runs_side_by_side_with_everything_logged(repo_copy, mlflow_server):
         for key in ("dev_accuracy", "dev_f1_macro"):  # per epoch, then the evaluated value at the last step
             steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, key))
             assert steps == [*range(1, epochs + 1), epochs], key
-        assert r.data.tags["early_stopped"] == "False" and r.data.params["stopped_epoch"] == "0"
-        assert {"best_epoch", "best_loss"} <= set(r.data.params)
+        assert r.data.tags["early_stopped"] == "False" and r.data.metrics["stopped_epoch"] == 0
+        assert {"best_epoch", "best_loss", "early_stopped"} <= set(r.data.metrics)  # results, not settings (#43)
+        assert not {"early_stopped", "stopped_epoch", "best_epoch", "best_loss", "stop_reason"} & set(r.data.params)
         assert 0 <= r.data.metrics["dev_f1_macro"] <= 1 and "dev_accuracy" in r.data.metrics
         assert {f"dev_f1_per_class/{c}" for c in "0123456789"} <= set(r.data.metrics)  # a chart section of their own
         assert not any(k.startswith("dev_f1_") and "/" not in k and k != "dev_f1_macro" for k in r.data.metrics)
         assert r.data.params["evaluate.tta"] == "none" and r.data.params["train.tf32"] == "False"
         assert r.data.tags["tf32"] == "false" and r.data.tags["collapsed"] == "false"
-        assert r.data.params["stop_reason"] == "training_epochs" == r.data.tags["stop_reason"]
+        assert r.data.tags["stop_reason"] == "training_epochs"
         assert r.data.tags["dvc_exp_name"] and r.info.run_name == r.data.tags["dvc_exp_name"]
         assert len(r.data.tags["git_commit"]) == 40 and len(r.data.tags["weights_sha256"]) == 64
         assert r.data.tags["dvc_exp_baseline_rev"] == r.data.tags["git_commit"] == head  # DVC passes it to stages
@@ -147,9 +148,9 @@ def test_crafted_early_stop_is_logged_at_its_epoch(tmp_path, mlflow_server, monk
         handle.log_training_end(summary, model, tmp_path, served)
 
     (r,) = finished_runs(mlflow_server, params["tracking"]["experiment"])
-    assert r.data.params["early_stopped"] == "True" and r.data.tags["early_stopped"] == "True"
-    assert r.data.params["stopped_epoch"] == "8" and r.data.params["best_epoch"] == "5"
-    assert r.data.params["best_loss"] == "7.0"
+    assert r.data.metrics["early_stopped"] == 1 and r.data.tags["early_stopped"] == "True"
+    assert r.data.metrics["stopped_epoch"] == 8 and r.data.metrics["best_epoch"] == 5
+    assert r.data.metrics["best_loss"] == 7.0 and r.data.tags["best_loss"] == "7.0"
     stop_points = MlflowClient(mlflow_server).get_metric_history(r.info.run_id, "early_stopped")
     assert [(m.step, m.value) for m in stop_points] == [(8, 1.0)]
     waits = MlflowClient(mlflow_server).get_metric_history(r.info.run_id, "early_stopping_wait")

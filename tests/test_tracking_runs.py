@@ -143,3 +143,33 @@ def test_system_metrics_are_sampled_only_when_asked(client, monkeypatch):
     assert not any(k.startswith("system/") for k in client.get_run(ids[False]).data.metrics)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
         client.get_run(ids[True]).data.metrics)
+
+
+def test_the_early_stop_outcome_is_logged_as_metrics_not_params_and_read_back_from_old_runs(client, tmp_path):
+    from imgclf.tracking.runs import outcome
+
+    p = params()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    for name in ("history.csv", "loss.png"):
+        (tmp_path / name).write_text("x")
+    summary = {"early_stopped": False, "stopped_epoch": 0, "best_epoch": 4, "best_loss": 2.5, "epochs_run": 6,
+               "stop_reason": "training_epochs", "monitor": "loss", "patience": 5, "weights_sha256": "a" * 64,
+               "collapsed": False, "collapsed_epoch": 0, "train_seconds": 1.0}
+    with Tracker.connect(p["tracking"]).training_run(p, MANIFEST, model, "CPU: test") as handle:
+        handle.log_training_end(summary, model, tmp_path, lambda model, register_as: None)
+    r = client.get_run(handle.run_id)
+    assert {k: r.data.metrics[k] for k in ("early_stopped", "stopped_epoch", "best_epoch", "best_loss")} == {
+        "early_stopped": 0.0, "stopped_epoch": 0.0, "best_epoch": 4.0, "best_loss": 2.5}
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "best_loss")] == [6]  # the last epoch's
+    assert not {"early_stopped", "stopped_epoch", "best_epoch", "best_loss", "stop_reason"} & set(r.data.params)
+    assert r.data.tags["stop_reason"] == "training_epochs" and r.data.tags["early_stopped"] == "False"
+    assert outcome(r, "best_epoch") == 4.0
+    # A run logged before #43: the outcome as params (and tags)
+    old = client.create_run(r.info.experiment_id).info.run_id
+    client.log_param(old, "early_stopped", "True")
+    client.log_param(old, "best_loss", "7.0")
+    client.set_tag(old, "stopped_epoch", "8")
+    old_run = client.get_run(old)
+    assert (outcome(old_run, "early_stopped"), outcome(old_run, "best_loss"), outcome(old_run, "stopped_epoch")) == (
+        1.0, 7.0, 8.0)
+    assert outcome(old_run, "best_epoch") is None

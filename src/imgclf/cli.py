@@ -48,8 +48,10 @@ def stage_command(module: str):
 def cmd_predict(args) -> None:
     from imgclf.serving import predict
 
-    # outside a project there is no params.yaml to take evaluate.tta from: no TTA then
-    tta = args.tta or (_params(args)["evaluate"]["tta"] if os.path.isfile(args.params) else "none")
+    # a logged model brings its run's TTA (None here); a .keras file gets params.yaml's evaluate.tta, and outside a
+    # project, where there is no params.yaml to take it from, none
+    logged = args.run or (args.model or "").startswith("models:/")
+    tta = args.tta or (None if logged else _params(args)["evaluate"]["tta"] if os.path.isfile(args.params) else "none")
     predict.main(args.images, run_id=args.run, model_path=args.model, tta=tta, output=args.output, top_k=args.top_k)
 
 
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image files, folders (searched recursively) or glob patterns; any size, converted to "
                               "the net's size, RGB")
     predict.add_argument("--tta", choices=("none", "flip", "flip_translate"),
-                         help="test-time augmentation (default: params.yaml's evaluate.tta)")
+                         help="test-time augmentation (default: a logged model's own, else params.yaml's "
+                              "evaluate.tta)")
     predict.add_argument("-o", "--output", metavar="CSV",
                          help="write path, class, probability, the top-k and any error per image to this CSV")
     predict.add_argument("-k", "--top-k", type=int, default=1, metavar="K", help="also the K most probable classes")

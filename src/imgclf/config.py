@@ -21,6 +21,7 @@ import yaml
 from imgclf.data import sources
 from imgclf.training import families
 from imgclf.errors import ImgclfError
+from imgclf.experiments.presets import PRESETS, SHIPPED
 from imgclf.training.numerics import NUMERICS_ENV
 from imgclf.files.paths import PARAMS_FILE
 from imgclf.schema import BOOL, INT, NUM, STR, Key, check_node, finite, one_of
@@ -83,6 +84,7 @@ BASE_SCHEMA: dict[str, Any] = {
     # NumPy's and scikit-learn's generators take 0 <= seed < 2**32; a larger one used to pass here and
     # surface in prepare as a misleading "cannot stratify"
     "seed": Key(INT, lambda v: 0 <= v < 2**32, ">= 0 and < 2**32 (NumPy's seed range)"),
+    "preset": Key(STR, lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}, or null", nullable=True),
     "data": {
         "path": Key(STR, lambda v: bool(v.strip()), "a non-empty path or null", nullable=True),
         "dev_fraction": Key(NUM, finite(0, 1), "in (0, 1)"),
@@ -174,8 +176,35 @@ def apply_overrides(params: dict, overrides: list[str]) -> dict:
     return params
 
 
+_ABSENT = object()
+
+
+def _value(params: dict, key: str):
+    """The value at a dotted key, or _ABSENT."""
+    node: Any = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def expand_preset(params: dict, explicit: list[str] = ()) -> dict:
+    """Apply the preset params.yaml's `preset` names (experiments/presets.py) to every key it sets, except those set
+    explicitly: given as `explicit` overrides (KEY=VALUE, imgclf's -S), or holding a value other than the shipped
+    one in params.yaml (`dvc exp run -S` writes its values there). An unknown name is left for validate to name."""
+    name = params.get("preset")
+    if not isinstance(name, str) or name not in PRESETS:
+        return params
+    given = [item.partition("=")[0] for item in explicit]
+    sets = {"tracking.variant": name, **PRESETS[name].overrides}
+    return apply_overrides(params, [
+        f"{key}={value}" for key, value in sets.items()
+        if not any(key == g or key.startswith(g + ".") for g in given) and _value(params, key) == SHIPPED[key]])
+
+
 def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> dict:
-    """Load params.yaml, apply overrides and validate; the CLI calls this before every stage."""
+    """Load params.yaml, apply overrides, expand the preset and validate; the CLI calls this before every stage."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -189,6 +218,6 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> di
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
         raise ConfigError(f"{path}: invalid YAML{at}; fix the syntax and rerun") from None
-    if overrides and isinstance(params, dict):
-        apply_overrides(params, list(overrides))
+    if isinstance(params, dict):
+        expand_preset(apply_overrides(params, list(overrides)), list(overrides))
     return validate(params, str(path))

@@ -18,6 +18,7 @@ from imgclf.files.prepared_reader import load_prepared
 from imgclf.metrics import classification_metrics
 from imgclf.tracking.context import PER_CLASS
 from imgclf.tta import predict_logits, softmax
+from imgclf.training.numerics import pin_kernels
 
 SUMMARY_KEYS = ("f1_macro", "accuracy", "loss", "count")
 TRAIN_KEYS = ("epochs_run", "early_stopped", "stopped_epoch", "best_epoch", "best_loss", "collapsed",
@@ -84,6 +85,7 @@ def evaluate(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: 
     tracker = Tracker.connect(params["tracking"])
     splits, manifest = load_prepared(prepared_dir)
     classes = manifest["classes"]
+    pin_kernels(params["train"]["numerics"])  # portable: the same cache sizes as training, for the same logits
     model = modelfile.load(model_path, trained["weights_sha256"], str(reports_dir / TRAIN_SUMMARY))
     logits = {split: predict_logits(model, splits[split][0], tta) for split in ("dev", "test") if split in splits}
     results = {split: classification_metrics(splits[split][1], out, classes) for split, out in logits.items()}

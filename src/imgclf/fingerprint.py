@@ -11,13 +11,13 @@ identical image changes nothing here: content is hashed, mtimes are never read.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from imgclf.data import sources
 from imgclf.errors import DataError
 from imgclf.files.atomic import write_json
 from imgclf.files.paths import FINGERPRINT_JSON
+from imgclf.files.walk import relative_name, walk_files
 
 READ_BYTES = 1 << 20
 
@@ -29,19 +29,11 @@ def source_path(data: dict) -> Path | None:
 
 
 def source_files(path: Path) -> list[tuple[str, Path]]:
-    """(relative name, path) of every file of a folder source, sorted; dotfiles and dot-folders left out as
-    the folder source leaves them out; a file source is its one file."""
+    """(relative name, path) of every file of a folder source, sorted, walked as the folder source walks it
+    (files/walk.py: dotfiles left out, symlinks followed, each real folder once); a file source is its one file."""
     if not path.is_dir():
         return [(path.name, path)]
-    found = []
-
-    def refuse(exc: OSError) -> None:  # an unlistable folder must not vanish from the fingerprint silently
-        raise DataError(f"{exc.filename}: unreadable ({exc.strerror}); fix its permissions and rerun")
-
-    for root, dirs, names in os.walk(path, onerror=refuse, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [(Path(root, n).relative_to(path).as_posix(), Path(root, n)) for n in names if not n.startswith(".")]
-    return sorted(found)
+    return [(relative_name(file, path), file) for file in walk_files(path)]
 
 
 def _hash_file(path: Path, into) -> int:

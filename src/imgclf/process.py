@@ -14,6 +14,7 @@ import gc
 import importlib
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -105,3 +106,15 @@ def last_line(text: str) -> str:
     one-line errors."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (then they arrive as usual): a clean-up that a Ctrl-C
+    must not cut in half (a worktree being removed, a run being ended)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -22,7 +22,8 @@ from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
 from imgclf.errors import deferred_interrupts, raise_if_interrupted
 from imgclf.files.atomic import atomic_write, write_json
 from imgclf.metrics import HISTORY_COLUMNS
-from imgclf.training.numerics import precision_policy, resolve_precision, seed_everything, use_numerics
+from imgclf.training.numerics import (pin_kernels, precision_policy, resolve_precision, seed_everything,
+                                      use_numerics)
 from imgclf.files.paths import (CHECKPOINT_DIR, HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, RUN_INFO,
                           TRAIN_SUMMARY)
 from imgclf.files.prepared_reader import load_prepared
@@ -217,11 +218,12 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     tracker = tracking.Tracker.connect(params["tracking"]) if chief else tracking.NullTracker()
     # 2. Seed everything from params.yaml, fix the numerics (op determinism, TF32) and load the arrays.
     seed_everything(params["seed"], cfg["jit_compile"], cfg["tf32"])
+    pinned = pin_kernels(cfg["numerics"])  # portable: Eigen's cache sizes, before any training op
     splits, manifest = load_prepared(prepared_dir)
     # 3. Build the family's net; continue from a checkpoint of this very configuration if one exists.
     resolved, policy = with_precision(params)
     model = build_compiled(resolved, len(manifest["classes"]), strategy, splits["train"][0])
-    fingerprint = checkpoint.fingerprint(resolved, manifest["digest"])
+    fingerprint = checkpoint.fingerprint({**resolved, "train": {**resolved["train"], **pinned}}, manifest["digest"])
     resume = _resume(model, strategy, ckpt_dir, fingerprint, chief)
     device = device_name()
     print(f"Training {params['model']['arch']} on {device} ({strategy.num_replicas_in_sync} replica(s)): "
@@ -230,7 +232,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     #    Signals are only recorded while it runs and raised at the next batch, in our own code.
     tags = {**(tags or {}), "replicas": str(strategy.num_replicas_in_sync),
             "op_determinism": str(not cfg["jit_compile"]).lower(), "tf32": str(cfg["tf32"]).lower(),
-            "numerics": cfg["numerics"], "mixed_precision": policy}
+            "numerics": cfg["numerics"], "mixed_precision": policy, **pinned}
     with tracker.training_run(params, manifest, model, device, resume and resume["mlflow_run_id"], tags) as run, \
             deferred_interrupts():
         if resume:

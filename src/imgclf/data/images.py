@@ -1,11 +1,13 @@
 """Images and labels as the pipeline stores them: uint8 (N, S, S, 3) RGB and int64 labels, checked.
 
-Shared by the data sources (prepare) and `imgclf predict`, so a predicted image is converted exactly
-like a training image of the folder source.
+Shared by the data sources (prepare), `imgclf predict` and the served model, so a predicted image is converted
+exactly like a training image of the folder source, under the same input policy (data/policy.py).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -13,15 +15,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from imgclf.data.policy import IMAGE_SUFFIXES, MAX_FILE_BYTES, MAX_PIXELS, PILLOW_FORMATS, pixel_problem
 from imgclf.errors import DataError, one_line
 
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "check_labels", "check_pair", "decode_image", "header_pixels",
+           "load_image", "read_image_file", "to_uint8_rgb"]
+
 DEFAULT_SIZE = 32  # CIFAR-10's size, and the report's net's only one
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")  # what the folder source and `imgclf predict DIR` read
-# A few hundred bytes of PNG can declare 20000x20000 pixels (a "decompression bomb"). Pillow only warns up
-# to 179 Mpx (~0.5 GB as RGB); the pipeline's images are at most 1024 px square, so a far larger source
-# image is refused from its header, before any pixel is decoded. 40 Mpx (~120 MB as RGB) still takes any
-# ordinary camera photo; larger scans must be downscaled first.
-MAX_PIXELS = 40_000_000
 
 
 def check_labels(y: Any, what: str, num_classes: int | None = None) -> np.ndarray:
@@ -57,9 +57,9 @@ def to_uint8_rgb(x: Any, what: str, size: int = DEFAULT_SIZE) -> np.ndarray:
             f"{what}: images have shape {x.shape}, expected (N, {size}, {size}, 3), (N, {size}, {size}, 1) or "
             f"(N, {size}, {size}); {hint}"
         )
-    integral = x.dtype.kind in "iu" or (x.dtype.kind == "f" and bool(np.all(np.isfinite(x) & (x == np.round(x)))))
-    if not integral or (x.size and (x.min() < 0 or x.max() > 255)):
-        raise DataError(f"{what}: pixels must be integers in 0..255 (got {x.dtype}); scale them to 0..255 first")
+    if problem := pixel_problem(x):
+        raise DataError(f"{what}: pixels must be integers in 0..255 (got {x.dtype}: {problem}); scale them to "
+                        "0..255 first")
     x = x.astype(np.uint8, copy=False)
     if x.ndim == 3:
         x = np.repeat(x[..., None], 3, axis=-1)
@@ -74,36 +74,71 @@ def check_pair(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str, where: st
         )
 
 
+def _open(data: bytes, path: Path) -> Image.Image:
+    """The image in `data`, its header read, no pixel decoded: one of the policy's formats, within MAX_PIXELS."""
+    try:
+        img = Image.open(BytesIO(data), formats=PILLOW_FORMATS)
+    except Exception as exc:  # PIL signals malformed files with many exception types
+        raise _unreadable(path, exc) from None
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        img.close()
+        raise DataError(f"{path}: {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} Mpx an image may "
+                        "have (a decompression bomb?); downscale it or remove it")
+    return img
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    if isinstance(exc, UnidentifiedImageError):
+        reason = f"unknown image format: not {', '.join(PILLOW_FORMATS[:-1])} or {PILLOW_FORMATS[-1]}"
+    else:
+        reason = one_line(exc)
+    return DataError(f"{path}: unreadable or truncated image ({reason}); re-export or remove it")
+
+
+def header_pixels(data: bytes, path: Path) -> int:
+    """The pixels an encoded image's header declares (its format and MAX_PIXELS checked), nothing decoded."""
+    with _open(data, path) as img:
+        return img.size[0] * img.size[1]
+
+
 def decode_image(data: bytes, path: Path, size: int = DEFAULT_SIZE) -> np.ndarray:
     """One encoded image -> uint8 (size, size, 3): fully decoded, converted to RGB, resized if needed."""
-    try:
-        with Image.open(BytesIO(data)) as img:
-            _check_pixels(img, path)
+    with _open(data, path) as img:
+        try:
             img.load()  # force the full decode so truncated files fail here, not later
             rgb = img.convert("RGB")
-    except DataError:
-        raise
-    except Exception as exc:  # PIL signals malformed files with many exception types
-        reason = "unknown image format" if isinstance(exc, UnidentifiedImageError) else one_line(exc)
-        raise DataError(f"{path}: unreadable or truncated image ({reason}); re-export or remove it") from None
+        except Exception as exc:
+            raise _unreadable(path, exc) from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _check_pixels(img: Image.Image, path: Path) -> None:
-    """Refuse an image whose header declares more than MAX_PIXELS (read before any pixel is decoded)."""
-    width, height = img.size
-    if width * height > MAX_PIXELS:
-        raise DataError(f"{path}: {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} Mpx an image may "
-                        "have (a decompression bomb?); downscale it or remove it")
+def read_image_file(path: str | Path) -> bytes:
+    """A file's bytes, if it is a regular file of at most MAX_FILE_BYTES: a FIFO, a device (/dev/zero) or a huge
+    file is refused from its stat, before a byte is read (it could hang, or fill memory). Opened without blocking
+    (a FIFO swapped in after a check would block the open) and read no further than the limit."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable ({one_line(exc)}); fix the path or remove it") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO, socket or device"
+            raise DataError(f"{path}: not a regular file ({kind}); name an image file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise DataError(f"{path}: {st.st_size:,} bytes, more than the {MAX_FILE_BYTES:,} an image file may have; "
+                            "downscale it or remove it")
+        data = fh.read(MAX_FILE_BYTES + 1)  # a file that grew since its stat is still read only this far
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"{path}: more than the {MAX_FILE_BYTES:,} bytes an image file may have; downscale it or "
+                        "remove it")
+    return data
 
 
 def load_image(path: str | Path, size: int = DEFAULT_SIZE) -> np.ndarray:
     """One image file (any size or mode) -> uint8 (size, size, 3), as the folder source would store it."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({one_line(exc)}); check the path") from None
-    return decode_image(data, path, size)
+    return decode_image(read_image_file(path), Path(path), size)

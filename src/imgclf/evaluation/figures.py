@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import csv
 import io
-import re
+import string
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from imgclf.files.atomic import atomic_write
 
 MISTAKES_PER_SPLIT = 8
 CURVE_POINTS = 101  # per class in the dvc plots data: enough to draw, small enough for git
+FILE_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
 
 
 def _pyplot():
@@ -93,8 +95,15 @@ def pr_curves(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict
 
 
 def file_name(text: str) -> str:
-    """A class name as a file name."""
-    return re.sub(r"[^0-9A-Za-z_.-]", "_", text) or "_"
+    """A class name as a file name, unique and reversible (`class_name`): its UTF-8 bytes percent-encoded,
+    all but ASCII letters, digits, "_" and "-" ("a b" -> "a%20b", "猫" -> "%E7%8C%AB"; "." too, so no name
+    is hidden or special; "" -> "%", a name no encoding gives)."""
+    return "".join(chr(b) if chr(b) in FILE_SAFE else f"%{b:02X}" for b in text.encode()) or "%"
+
+
+def class_name(stem: str) -> str:
+    """The class name a `file_name` came from."""
+    return "" if stem == "%" else urllib.parse.unquote(stem, errors="strict")
 
 
 def write_pr_data(curves: dict, folder: Path) -> None:

@@ -1,5 +1,6 @@
-"""The presets `imgclf experiments` runs: each a params override, never new code, with the dev macro-F1 the report
-got for it. Where the report is ambiguous, the choice is written next to the preset."""
+"""The presets `imgclf experiments` runs, and params.yaml's `preset` switch names (config.expand_preset): each a
+params override, never new code, with the dev macro-F1 the report got for it. Where the report is ambiguous, the
+choice is written next to the preset."""
 
 from __future__ import annotations
 
@@ -58,3 +59,24 @@ PRESETS: dict[str, Preset] = {
 
 
 REPORT_VARIANTS = tuple(v for v in PRESETS if not v.startswith("fast"))  # what `imgclf experiments` runs by default
+
+
+# params.yaml's shipped value of every key a preset sets (tests/test_config.py pins them to params.yaml). A key
+# still at this value takes the preset's; any other value was set by someone (`dvc exp run -S` writes its values
+# into params.yaml, where they cannot be told apart otherwise) and wins over the preset.
+SHIPPED: dict[str, object] = {
+    "model.arch": "report",
+    "model.conv_blocks": [[64, 64], [128, 128], [256, 256], [512, 512, 512]],
+    "model.kernel_size": 3,
+    "model.pool_size": 2,
+    "model.dense_units": [2048, 2048],
+    "model.conv_dropout": False,
+    "model.fast.optimizer": "nesterov",
+    "model.fast.lookahead_every": 5,
+    "train.batch_size": 128,
+    "train.training_epochs": 50,
+    "train.early_stopping.monitor": "loss",
+    "train.mixed_precision": "none",
+    "evaluate.tta": "none",
+    "tracking.variant": None,  # a preset's runs carry its name as their variant, as `imgclf experiments`' do
+}

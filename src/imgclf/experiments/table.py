@@ -51,6 +51,8 @@ def mean_std(values: list[float]) -> tuple[float, float] | None:
 def summarize(variant: str, runs: list) -> dict:
     """One table row: seeds, F1 mean and std (all runs, and without collapsed ones), collapsed seeds, epochs,
     early stops, run ids, the report's number."""
+    from imgclf.tracking.runs import outcome
+
     f1 = [r.data.metrics["dev_f1_macro"] for r in runs]
     collapsed = [r.data.tags.get("collapsed") == "true" for r in runs]
     return {
@@ -60,7 +62,7 @@ def summarize(variant: str, runs: list) -> dict:
         "f1_learned": mean_std([f for f, c in zip(f1, collapsed) if not c]),
         "collapsed": [int(r.data.params["seed"]) for r, c in zip(runs, collapsed) if c],
         "epochs": [int(r.data.metrics.get("epochs_run", 0)) for r in runs],
-        "early_stopped": sum(r.data.tags.get("early_stopped") == "True" for r in runs),
+        "early_stopped": sum(outcome(r, "early_stopped") == 1 for r in runs),
         "train_seconds": statistics.fmean(r.data.metrics.get("train_seconds", 0.0) for r in runs),
         "run_ids": [r.info.run_id for r in runs],
         "report": PRESETS[variant].report_f1,

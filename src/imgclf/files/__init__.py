@@ -6,9 +6,10 @@ digests.py          sha256 of bytes, files and arrays
 paths.py            every path and file name of the pipeline, and the project root
 prepared_reader.py  data/prepared read back and checked against its manifest (train, evaluate, rerun)
 modelfile.py        models/model.keras: deterministic save, safe load, its weights checked against train's record
+walk.py             the one directory walker and its symlink policy (folder source, fingerprint, predict)
 code.py             the train stage's code: its files (dvc.yaml's deps), their digest, whether git has them
-at_commit.py        a run's commit in a temporary git worktree with its data and params: where `imgclf rerun` trains
+at_commit.py        a run's commit as files: a temporary git worktree, its code checked, its data placed (rerun.py trains there)
 
-Imports only errors and process (at_commit runs `imgclf train` as a child process). prepare's writer is prepare.py itself: the reader stays apart, so train's and
-evaluate's DVC deps list only the modules they import, never the data sources.
+Imports only errors and process (at_commit holds signals while it removes a worktree). prepare's writer is prepare.py
+itself: the reader stays apart, so train's and evaluate's DVC deps list only the modules they import, never the data sources.
 """

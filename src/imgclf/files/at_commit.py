@@ -1,10 +1,10 @@
-"""A run retrained with its own code: a temporary `git worktree` at the run's commit, with the run's data and params.
+"""A run's commit as files: a temporary `git worktree` at the commit, its submodules initialised, the train stage's
+code there checked against the run's `code_digest`, and the run's prepared data placed in it.
 
-The working tree is never touched. The run's commit is checked out into a temporary worktree; the code the
-train stage hashes there must have the run's `code_digest`; its data/prepared is the workspace's when that
-holds the run's data digest, else restored from the DVC cache; its params.yaml is the text the run logged.
-Then `imgclf train` of *that* code trains there, logging into a new MLflow run of the original's experiment.
-The worktree goes on every exit path: signals are held while it is removed, so a Ctrl-C cannot leave half of it.
+The working tree is never touched. data/prepared in the worktree is the workspace's when that holds the run's
+data digest, else restored from the DVC cache. The worktree goes on every exit path: signals are held while it
+is removed, so a Ctrl-C cannot leave half of it. What trains there, and the MLflow run it logs into, is
+`imgclf rerun`'s (rerun.py).
 """
 
 from __future__ import annotations
@@ -12,37 +12,21 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import os
+import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from imgclf.errors import ImgclfError
+from imgclf.process import signals_held
 from imgclf.files.atomic import read_json
 from imgclf.files.code import LOCKFILE, code_digest
-from imgclf.files.paths import MANIFEST, PARAMS_FILE, PREPARED_DIR
+from imgclf.files.paths import MANIFEST, PREPARED_DIR
 
 CURRENT_CODE = "`imgclf rerun --current-code {run_id}` retrains it with this tree's code instead"
-
-
-def reproducible_commit(run) -> str:
-    """The commit to retrain `run` at; refused in one line when its code was not committed."""
-    tags, run_id = run.data.tags, run.info.run_id
-    commit = tags.get("git_commit", "unknown")
-    if commit == "unknown":
-        raise ImgclfError(f"MLflow run {run_id} records no git commit (trained outside git), so its code cannot be "
-                          f"restored; {CURRENT_CODE.format(run_id=run_id)}")
-    # Before code_digest was tagged, git_dirty counted any tracked change (dvc.lock, which DVC rewrites, too):
-    # such a run is retrained at its commit unchecked, and check_code says so.
-    if tags.get("git_dirty") == "True" and "code_digest" in tags:
-        files = tags.get("git_dirty_files", "code not in its commit")
-        raise ImgclfError(f"MLflow run {run_id} trained on uncommitted code ({files}): it cannot be reproduced "
-                          f"exactly; {CURRENT_CODE.format(run_id=run_id)}")
-    return commit
+COMMIT_ID = re.compile(r"[0-9a-f]{40}")  # what a run's git_commit tag must be before git sees it
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -50,33 +34,35 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done (then they arrive as usual)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-@contextlib.contextmanager
 def worktree(root: Path, commit: str, run_id: str) -> Iterator[Path]:
-    """A temporary git worktree of `root`'s repository at `commit`, removed (and pruned) on every exit path."""
+    """A temporary git worktree of `root`'s repository at `commit` (40 hex digits), its submodules initialised;
+    removed (and pruned) on every exit path."""
+    if not COMMIT_ID.fullmatch(commit):  # a tag such as `--lock` would reach git as an option
+        raise ImgclfError(f"MLflow run {run_id}'s git_commit tag {commit!r} is not a commit id (40 hex digits); "
+                          f"{CURRENT_CODE.format(run_id=run_id)}")
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-rerun-"))
     tree = tmp / "tree"
     try:
-        added = _git(root, "worktree", "add", "--detach", "--quiet", str(tree), commit)
+        added = _git(root, "worktree", "add", "--detach", "--quiet", "--end-of-options", str(tree), commit)
         if added.returncode:
             raise ImgclfError(f"commit {commit[:12]} of MLflow run {run_id} is not in the repository at {root} "
-                              f"({added.stderr.strip().splitlines()[-1] if added.stderr.strip() else 'git failed'}); "
-                              "`git fetch` it, or rerun from a clone that has it")
+                              f"({_last_line(added)}); `git fetch` it, or rerun from a clone that has it")
+        if (tree / ".gitmodules").is_file():
+            modules = _git(tree, "submodule", "update", "--init", "--recursive", "--quiet")
+            if modules.returncode:
+                raise ImgclfError(f"the submodules of commit {commit[:12]} cannot be checked out in the rerun's "
+                                  f"worktree ({_last_line(modules)}); make their URLs in .gitmodules reachable")
         yield tree
     finally:
-        with _signals_held():
+        with signals_held():
             _git(root, "worktree", "remove", "--force", str(tree))
             shutil.rmtree(tmp, ignore_errors=True)
             _git(root, "worktree", "prune")
+
+
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    lines = done.stderr.strip().splitlines()
+    return lines[-1] if lines else "git failed"
 
 
 def check_code(tree: Path, run) -> None:
@@ -140,65 +126,3 @@ def place_data(root: Path, tree: Path, digest: str, prepared_dir: Path) -> str:
         (target / entry["relpath"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cache / entry["md5"][:2] / entry["md5"][2:], target / entry["relpath"])
     return "the DVC cache"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End the child: a Ctrl-C reached it too (one process group), so it gets time to end its MLflow run KILLED;
-    then it is asked (SIGTERM), then killed."""
-    for sig, wait in ((None, 10), (signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        if sig is not None:
-            proc.send_signal(sig)
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def train_in(tree: Path, params_text: str, tracking_uri: str, new_run_id: str) -> int:
-    """`imgclf train` of the tree's own code in the tree, logging into MLflow run `new_run_id`; its exit code."""
-    (tree / PARAMS_FILE).write_text(params_text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}  # not a DVC stage: the tree's own git
-    env |= {"PYTHONPATH": os.pathsep.join(filter(None, [str(tree / "src"), env.get("PYTHONPATH")])),
-            "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": new_run_id}
-    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "train"], cwd=tree, env=env)
-    try:
-        return proc.wait()
-    finally:
-        with _signals_held():
-            if proc.poll() is None:
-                _stop(proc)
-
-
-def rerun(client, original, params_text: str, tracking_uri: str, root: Path, prepared_dir: Path) -> str:
-    """Retrain `original` at its commit with its data and params into a new run tagged rerun_of; its id."""
-    run_id, tags = original.info.run_id, original.data.tags
-    commit = reproducible_commit(original)
-    with worktree(root, commit, run_id) as tree:
-        check_code(tree, original)
-        differ = lock_differences(tree / LOCKFILE)
-        if differ:
-            print(f"{LOCKFILE} at {commit[:12]} differs from the installed packages ({'; '.join(differ)}): the "
-                  "weights may differ; `make setup` at that commit installs its versions")
-        source = place_data(root, tree, tags["data_digest"], prepared_dir)
-        print(f"Retraining MLflow run {run_id} at commit {commit[:12]} (code sha256 {tags.get('code_digest', '?')[:12]}) "
-              f"on its data from {source}, in a temporary worktree")
-        new = client.create_run(original.info.experiment_id, run_name=f"{original.info.run_name}-rerun",
-                                tags={"rerun_of": run_id})
-        try:
-            code = train_in(tree, params_text, tracking_uri, new.info.run_id)
-        except BaseException:  # Ctrl-C: the child ends the run KILLED, unless it had not opened it yet
-            _end_if_running(client, new.info.run_id, "KILLED")
-            raise
-        if code:
-            _end_if_running(client, new.info.run_id, "KILLED" if code == 130 else "FAILED")
-            raise ImgclfError(f"training MLflow run {run_id}'s code at commit {commit[:12]} failed (exit {code}; its "
-                              "output is above)")
-    return new.info.run_id
-
-
-def _end_if_running(client, run_id: str, status: str) -> None:
-    """End the rerun's MLflow run with `status` unless the training process ended it already."""
-    with _signals_held():
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status)

@@ -34,7 +34,7 @@ DEV_PREDICTIONS = "dev_predictions.csv"               # actual,predicted per dev
 CONFUSION_PNG = "confusion_matrix.png"
 MISTAKES_PNG = "mistakes.png"                         # the most confidently misclassified dev (and test) images
 PR_CURVES_PNG = "pr_curves.png"                       # dev precision-recall per class
-PR_DIR = "pr"                                         # reports/pr/<class>.csv: the same curves for `dvc plots`
+PR_DIR = "pr"                                         # reports/pr/<class %-encoded>.csv: the curves for `dvc plots`
 
 # imgclf experiments -> reports/
 EXPERIMENTS_MD = "experiments.md"

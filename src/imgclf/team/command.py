@@ -7,8 +7,10 @@ logs. It starts PostgreSQL on 127.0.0.1 (only the MLflow server talks to it), th
 then PostgreSQL (a fast shutdown: every committed run is on disk). A second start reuses DIR.
 
 PostgreSQL refuses to run as root: under root it runs as the `postgres` user, which must be able to reach DIR.
-`imgclf-team move-in` (move_in.py) copies a clone's local runs into the server. This module is the command
-line; postgres.py, mlflow_server.py and supervise.py do the work.
+MLflow's basic-auth app guards the server (auth.py): the admin is made on first start, its password in
+DIR/admin.password (0600); `imgclf-team user add NAME [--read-only]` adds a member. `imgclf-team move-in`
+(move_in.py) copies a clone's local runs into the server. This module is the command line; postgres.py,
+mlflow_server.py, auth.py and supervise.py do the work.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import IO
 
 from imgclf.errors import exit_code, install_handlers
 from imgclf.process import leave
+from imgclf.team.auth import AUTH_DATABASE, add_member
 from imgclf.team.mlflow_server import public_uri, start_mlflow, warn_if_exposed
 from imgclf.team.postgres import ensure_cluster, ensure_database, server_account, start_postgres
 from imgclf.team.supervise import Service, TeamDir, TeamError, check_port, free_port, last_line, stop_service
@@ -36,6 +39,8 @@ def announce(team: TeamDir, args: argparse.Namespace, pg_port: int, created: boo
     cluster = "created" if created else "reused"
     print(f"imgclf-team: PostgreSQL ({cluster} in {team.pgdata}, on 127.0.0.1:{pg_port}) and the MLflow server "
           f"(artifacts in {team.artifacts}) are up; logs: {team.pg_log}, {team.mlflow_log}", file=out)
+    print(f"imgclf-team: users must log in (admin's password: {team.admin_password_file}); add members with "
+          f"`imgclf-team user add NAME [--read-only] --dir {team.root}`", file=out)
     print(f"imgclf-team: on every machine of the team (Ctrl-C or SIGTERM here stops both):\n"
           f"export MLFLOW_TRACKING_URI={public_uri(args.host, args.port)}", file=out, flush=True)
 
@@ -56,6 +61,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         services.append(start_postgres(team, account, pg_port, password))
         ensure_database(pg_port, password)
+        ensure_database(pg_port, password, AUTH_DATABASE)
         services.insert(0, start_mlflow(team, args, pg_port, password))  # stopped first: it writes to PostgreSQL
         announce(team, args, pg_port, created, sys.stdout)
         while all(s.proc.poll() is None for s in services):
@@ -90,13 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dir", default="team-server", help="folder of the database, artifacts and logs "
                      "(default: ./team-server; reused on the next start)")
     srv.add_argument("--host", default="127.0.0.1", help="interface the MLflow server listens on (default "
-                     "127.0.0.1; 0.0.0.0 for the team's machines: no authentication, see docs/team.md)")
+                     "127.0.0.1; 0.0.0.0 for the team's machines: put TLS in front, see docs/team.md)")
     srv.add_argument("--port", type=int, default=5000, help="the MLflow server's port (default 5000)")
     srv.add_argument("--pg-port", type=int, default=0, help="PostgreSQL's port on 127.0.0.1 (default: a free one)")
     srv.add_argument("--workers", type=int, default=4, help="the MLflow server's worker processes (default 4)")
     srv.add_argument("mlflow_args", nargs="*", help="after --: more `mlflow server` options, e.g. "
                      "-- --allowed-hosts mlflow.lab:5000")
     srv.set_defaults(func=serve)
+    user = sub.add_parser("user", help="the team's members (run it on the server's machine, server running)")
+    add = user.add_subparsers(dest="action", required=True).add_parser(
+        "add", help="add a member: EDIT on every experiment and registered model (READ with --read-only); the "
+        "password goes to DIR/members/NAME.password (mode 0600)")
+    add.add_argument("name", help="the member's user name (letters, digits, '.', '_', '-')")
+    add.add_argument("--read-only", action="store_true", help="READ only: see runs and models, change nothing")
+    add.add_argument("--dir", default="team-server", help="the team server's folder (its admin's password; "
+                     "default: ./team-server)")
+    add.add_argument("--to", default=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
+                     help="the team server (default: MLFLOW_TRACKING_URI, else http://127.0.0.1:5000)")
+    add.set_defaults(func=add_member)
     mov = sub.add_parser("move-in", help="copy the runs of a local MLflow store into the team server")
     mov.add_argument("--from", dest="source", default="sqlite:///mlflow.db",
                      help="the store to copy from (default: sqlite:///mlflow.db, this clone's)")

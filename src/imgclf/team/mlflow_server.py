@@ -1,5 +1,5 @@
-"""The team's `mlflow server` on the PostgreSQL store: starting it, the URIs that reach it, and the warning when it
-listens beyond this machine (it has no authentication)."""
+"""The team's `mlflow server` on the PostgreSQL store, behind MLflow's basic-auth app (auth.py): starting it, the
+URIs that reach it, and the warning when it listens beyond this machine (passwords in clear without TLS)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import requests
 
+from imgclf.team.auth import server_env
 from imgclf.team.postgres import DATABASE, PG_USER
 from imgclf.team.supervise import Service, TeamDir, wait_for
 
@@ -39,14 +40,16 @@ def public_uri(host: str, port: int) -> str:
 
 
 def start_mlflow(team: TeamDir, args: argparse.Namespace, pg_port: int, password: str) -> Service:
-    """Start `mlflow server` on the PostgreSQL store in its own session; wait until /health answers."""
-    env = dict(os.environ, PGPASSWORD=password)  # libpq reads it: the password stays out of `ps` and the logs
+    """Start `mlflow server` with basic auth on the PostgreSQL store in its own session; wait until /health
+    answers (the one route MLflow's auth leaves open)."""
+    # libpq reads PGPASSWORD, MLflow the auth secrets: all stay out of `ps`, the logs and the config file.
+    env = dict(os.environ, PGPASSWORD=password, **server_env(team, pg_port))
     # MLflow's job runner (GenAI jobs: scorers, prompt optimisation) adds two processes training runs never use.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
            "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/{DATABASE}",
            "--artifacts-destination", str(team.artifacts), "--host", args.host, "--port", str(args.port),
-           "--workers", str(args.workers), *args.mlflow_args]
+           "--workers", str(args.workers), "--app-name", "basic-auth", *args.mlflow_args]
     with open(team.mlflow_log, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     service = Service("MLflow server", proc, team.mlflow_log, signal.SIGTERM, signal.SIGKILL, group=True)
@@ -63,12 +66,13 @@ def start_mlflow(team: TeamDir, args: argparse.Namespace, pg_port: int, password
 
 
 def warn_if_exposed(host: str) -> None:
-    """The MLflow server has no authentication: say so when it listens beyond this machine."""
+    """Basic auth over plain HTTP sends every password in clear: say so when the server listens beyond this
+    machine."""
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
     if not loopback:
-        print(f"imgclf-team: warning: --host {host} serves MLflow WITHOUT authentication: anyone who reaches this "
-              "machine's port can read, change and delete every run; keep it on a trusted network or behind an "
-              "authenticating proxy", file=sys.stderr)
+        print(f"imgclf-team: warning: --host {host} serves MLflow over plain HTTP: the members' passwords cross the "
+              "network in clear; put TLS in front of it (a reverse proxy, docs/team.md) or keep it on a trusted "
+              "network", file=sys.stderr)

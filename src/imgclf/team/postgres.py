@@ -139,14 +139,15 @@ def start_postgres(team: TeamDir, account: pwd.struct_passwd | None, port: int, 
     return service
 
 
-def ensure_database(port: int, password: str) -> None:
-    """Create MLflow's database on first use (MLflow creates its tables in it)."""
+def ensure_database(port: int, password: str, name: str = DATABASE) -> None:
+    """Create one of MLflow's databases on first use (MLflow creates its tables in it): the runs' (DATABASE),
+    the users' (auth.AUTH_DATABASE)."""
     conn = pg_connect(port, password)
     conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
-                cur.execute(f"CREATE DATABASE {DATABASE}")
+                cur.execute(f"CREATE DATABASE {name}")  # our constant, never user input
     finally:
         conn.close()

@@ -42,6 +42,22 @@ class TeamDir:
         return self.root / "postgres.password"
 
     @property
+    def admin_password_file(self) -> Path:
+        return self.root / "admin.password"
+
+    @property
+    def secret_key_file(self) -> Path:
+        return self.root / "flask.secret"
+
+    @property
+    def auth_config(self) -> Path:
+        return self.root / "basic_auth.ini"
+
+    @property
+    def members(self) -> Path:
+        return self.root / "members"
+
+    @property
     def pg_log(self) -> Path:
         return self.root / "postgres.log"
 

@@ -8,6 +8,7 @@ orphans.py   runs left RUNNING by a process that died
 tracker.py   Tracker: connects, opens, reopens and ends pipeline runs
 runs.py      one handle per stage: TrainingRun, EvaluationRun (and NullRun for a non-chief worker)
 promotion.py `imgclf promote`: a registry alias on a run's model version, guarded by the dev score
+verdict.py   `imgclf rerun` on another kind of machine: did the result reproduce, by the preset's seed spread
 
 Imports the shared modules, files/ and training/numerics.py (the CPU facts); train, evaluate, rerun, serving/,
 experiments/ and team/ import it. It never imports serving/: train hands TrainingRun the function that logs the

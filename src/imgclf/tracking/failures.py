@@ -11,6 +11,7 @@ import mlflow
 import requests
 import sqlalchemy.exc
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+from mlflow.utils.credentials import read_mlflow_creds
 
 from imgclf.errors import ImgclfError
 
@@ -31,10 +32,31 @@ def run_failure(run_id: str, exc: BaseException, fix: str) -> TrackingError:
     return TrackingError(f"MLflow run {run_id}: {str(exc).splitlines()[0]}; {fix}")
 
 
+# A server behind MLflow's basic auth refuses a missing or wrong user (401) and a user without the permission (403).
+REFUSED = {401: "Unauthorized", 403: "Forbidden"}
+
+
+def credential_failure(uri: str, status: int) -> TrackingError:
+    """One line for a server that refused this user: which variable to set or fix, and who makes members."""
+    user = read_mlflow_creds().username
+    head = f"MLflow tracking server {uri}: {status} {REFUSED[status]}"
+    make = "a team admin makes members: imgclf-team user add NAME"
+    if status == 403:
+        return TrackingError(f"{head}: user {user} may not do this (a --read-only member?); use a member who may "
+                             f"edit ({make})")
+    if not user:
+        return TrackingError(f"{head}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD ({make})")
+    return TrackingError(f"{head}: user {user} or its password is not accepted; fix MLFLOW_TRACKING_USERNAME and "
+                         f"MLFLOW_TRACKING_PASSWORD ({make})")
+
+
 def store_failure(exc: BaseException, then: str) -> TrackingError:
     """One line naming the store's URI, what went wrong and what to do (`then`: how to carry on)."""
     uri = mlflow.get_tracking_uri()
     text = " ".join(str(exc).split()).split(" [SQL:")[0]
+    refused = re.search(r"failed with error code (401|403)\b", text)
+    if refused:
+        return credential_failure(uri, int(refused.group(1)))
     if unreachable(exc):
         retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
         # A server that answers every try with a 5xx is up but failing: its own log says why, not the network.

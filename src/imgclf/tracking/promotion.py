@@ -3,7 +3,8 @@
 MLflow deprecated stages (Staging, Production) for aliases: `models:/NAME@champion` then names whatever version
 holds the alias, for `imgclf predict --model` and `mlflow models serve`. The run's model is registered first if it
 has no version yet. A run that scores below the alias's current holder on the same dev data (the same
-`data_digest`) is refused in one line unless --force; scores on other data cannot be compared and are not.
+`data_digest`) is refused in one line unless --force; so is a run evaluated on other data (a smoke run with
+data.max_train_samples, another data set), whose score says nothing against the holder's.
 Who promoted which run, when and why is kept as the version's tags.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import datetime
 import getpass
+import re
 import socket
 
 from imgclf.errors import ImgclfError
 
 SCORE = "dev_f1_macro"  # the final dev macro-F1 `evaluate` logs (its last value)
+RUN_ID = re.compile(r"[0-9a-zA-Z][\w-]{0,255}")  # what MLflow accepts as a run id
 
 
 def model_name(run, name: str | None) -> str:
@@ -46,7 +49,11 @@ def version_of(client, name: str, run) -> str:
 
     from imgclf.tracking.runs import logged_model_id
 
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    # The filter holds only the store's own run id, checked to be [0-9a-zA-Z_-]; the name (any text, quotes
+    # included) is compared here, never spliced into MLflow's filter language.
+    if not RUN_ID.fullmatch(run.info.run_id):
+        raise ImgclfError(f"MLflow run id {run.info.run_id!r} is not an MLflow run id; check it in `mlflow ui`")
+    versions = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
     if versions:
         return max(versions, key=lambda v: int(v.version)).version
     model_id = logged_model_id(run)
@@ -74,8 +81,13 @@ def check_not_worse(run, held, alias: str, force: bool) -> str:
     if held is None:
         return f"first @{alias}: {SCORE} {new:.4f}"
     version, holder = held
-    if holder.data.tags.get("data_digest") != run.data.tags.get("data_digest"):
-        return f"{SCORE} {new:.4f} on other dev data than version {version.version} (not compared)"
+    theirs, ours = holder.data.tags.get("data_digest", "?"), run.data.tags.get("data_digest", "?")
+    if theirs != ours:
+        if not force:
+            raise ImgclfError(f"MLflow run {run.info.run_id} was evaluated on other data (data_digest {ours[:12]}) "
+                              f"than version {version.version} (run {holder.info.run_id}, {theirs[:12]}), @{alias} "
+                              f"now: their {SCORE} cannot be compared; pass --force to promote it anyway")
+        return f"{SCORE} {new:.4f} on other dev data than version {version.version} (not compared, --force)"
     old = holder.data.metrics.get(SCORE, float("-inf"))
     if new < old and not force:
         raise ImgclfError(f"MLflow run {run.info.run_id} scores {SCORE} {new:.4f}, below {old:.4f} of version "

@@ -19,6 +19,21 @@ from imgclf.tracking.context import EVALUATED, environment_tags, lineage_tags, r
 from imgclf.tracking.store import after_lost_race, store_lock
 
 
+# The early stop's outcome, logged as metrics (params until #43: readers of runs accept both, see outcome()).
+OUTCOME_METRICS = ("early_stopped", "stopped_epoch", "best_epoch", "best_loss")
+
+
+def outcome(run, key: str) -> float | None:
+    """An early-stop outcome of a run as a number: its metric, else (runs logged before #43) its param or tag."""
+    if key in run.data.metrics:
+        return run.data.metrics[key]
+    old = run.data.params.get(key, run.data.tags.get(key))
+    try:
+        return float({"True": 1, "False": 0}.get(old, old))
+    except (TypeError, ValueError):  # absent, or not a number
+        return None
+
+
 class TrainingRun:
     """What `train` logs into its MLflow run: start facts, per-epoch metrics, the end of training."""
 
@@ -61,15 +76,16 @@ class TrainingRun:
         return epoch_logger()
 
     def log_training_end(self, summary: dict, model, reports_dir: Path, log_model) -> None:
-        """How training ended (params, tags and a metric point at an early stop), artifacts and the model, which
-        `log_model(model, register_as=...)` logs (serving.pyfunc's: the served model is that wing's)."""
-        ended = {k: summary[k] for k in ("early_stopped", "stopped_epoch", "best_epoch", "best_loss", "stop_reason")}
-        mlflow.log_params(ended)
+        """How training ended (metrics and tags), artifacts and the model, which `log_model(model, register_as=...)`
+        logs (serving.pyfunc's: the served model is that wing's)."""
+        ended = {k: summary[k] for k in (*OUTCOME_METRICS, "stop_reason")}
         mlflow.set_tags({**{k: str(v) for k, v in ended.items()}, "weights_sha256": summary["weights_sha256"],
                          "early_stopping_monitor": summary["monitor"],
                          "early_stopping_patience": str(summary["patience"])})
-        if summary["early_stopped"]:
-            mlflow.log_metric("early_stopped", 1.0, step=summary["stopped_epoch"])
+        # Results, not settings: metrics, as MLflow's Keras autolog logs its callback's stopped_epoch, so Compare
+        # shows them beside the scores and not among the params. early_stopped's point marks the stopping epoch.
+        mlflow.log_metrics({k: float(summary[k]) for k in OUTCOME_METRICS},
+                           step=summary["stopped_epoch"] or summary["epochs_run"])
         mlflow.set_tag("collapsed", str(summary["collapsed"]).lower())
         if summary["collapsed"]:
             mlflow.set_tag("collapsed_epoch", str(summary["collapsed_epoch"]))

@@ -24,9 +24,11 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
 )
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
 
 from imgclf.files.paths import MLFLOW_DB, repo_root
-from imgclf.tracking.failures import TrackingError, store_errors
+from imgclf.tracking.failures import REFUSED, TrackingError, credential_failure, store_errors
 
 
 # MLflow retries an HTTP request 7 times (backoff factor 2) and waits 120 s per try: a dead server
@@ -40,24 +42,44 @@ HTTP_DEFAULTS = {
 
 
 def tracking_uri() -> tuple[str, bool]:
-    """(uri, is_default): the user's MLFLOW_TRACKING_URI or the repo's own sqlite store."""
+    """(uri, is_default): the user's MLFLOW_TRACKING_URI (a relative store path made absolute) or the repo's own
+    sqlite store."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri, False
+        return absolute_uri(uri), False
     return f"sqlite:///{repo_root() / MLFLOW_DB}", True
 
 
+def absolute_uri(uri: str) -> str:
+    """A store URI whose path is relative (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) made absolute against the
+    working directory, where MLflow would look: the same store for the checks here and for a child process
+    started elsewhere (`imgclf rerun` trains in a temporary worktree). Other URIs come back unchanged."""
+    for prefix, absolute in (("sqlite:///", "sqlite:///"), ("file:", "file://")):  # + "/abs/path"
+        path = uri.removeprefix(prefix)
+        if uri.startswith(prefix) and path and not path.startswith(("/", ":memory:")):
+            return f"{absolute}{Path(path).absolute()}"
+    if ":" in uri.split("/")[0] or uri in ("databricks", "databricks-uc", "uc"):
+        return uri  # a scheme (http:, postgresql:, file:/abs ...) or one of MLflow's named stores
+    return str(Path(uri).absolute())  # a bare path: MLflow's file store
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingError with one line naming the URI when an HTTP tracking server does not answer."""
+    """Raise TrackingError with one line naming the URI when an HTTP tracking server does not answer, or
+    refuses this user (basic auth: 401, 403; /health answers anyone, so one request with the credentials)."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-    except requests.RequestException as exc:
+        # MLflow's own timeout (HTTP_DEFAULTS): a server that answers /health may check a password slowly when busy.
+        answer = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                              max_retries=0, raise_on_status=False, params={"max_results": 1})
+    except (requests.RequestException, mlflow.exceptions.MlflowException) as exc:
         reason = type(exc).__name__
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({reason}); start it or fix/unset MLFLOW_TRACKING_URI"
         ) from None
+    if answer.status_code in REFUSED:
+        raise credential_failure(uri, answer.status_code)
 
 
 def configure() -> tuple[str, bool]:

@@ -7,6 +7,7 @@ early_stopping.py  the three rules, one interface   checkpoint.py resumable stat
 distribute.py      tf.distribute strategies and who is the chief
 numerics.py        train.numerics (the one owner of the oneDNN switches), the CPU facts they depend on, seeds,
                    op determinism, TF32, mixed precision
+eigen_cache.py     portable's pin of Eigen's cache sizes, found in TensorFlow's own ELF symbol table
 
 Imports the shared modules (errors, schema, registry, metrics, tta) and files/ only. tracking/ reads
 numerics.py's CPU facts; nothing else outside train.py imports this wing (config.py reads the families' keys).

@@ -23,8 +23,8 @@ from imgclf.errors import ImgclfError
 # Eigen's contractions off, leaving Eigen code compiled into the wheel (AVX, no FMA: the same instructions on
 # every x86-64 CPU). One TensorFlow kernel calls oneDNN's sgemm directly whatever the switches say
 # (Conv2DBackpropInput's matmul), so oneDNN is capped at AVX2, the kernel it runs on any CPU with AVX2.
-# Threads are fixed because Eigen and oneDNN split work by the thread count. Eigen's block sizes still follow
-# the cache sizes: docs/reproducibility.md says what that leaves.
+# Threads are fixed because Eigen and oneDNN split work by the thread count. Eigen's block sizes follow the
+# cache sizes it reads from the CPU, so portable pins those too once TensorFlow runs (pin_kernels, eigen_cache.py).
 PORTABLE_THREADS = "2"
 NUMERICS_ENV = {
     "native": {},
@@ -37,6 +37,9 @@ NUMERICS_ENV = {
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 # Either gives oneDNN bfloat16 multiply-adds at twice float32's rate: what train.mixed_precision=auto looks for.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# TensorFlow's Linux wheels turn their oneDNN ops on by default only on a CPU with one of these (DefaultOneDnnPolicy
+# in TensorFlow's util.cc); elsewhere, AVX2-only CPUs included, Eigen's kernels run unless TF_ENABLE_ONEDNN_OPTS=1.
+ONEDNN_DEFAULT_FLAGS = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 # Environment switches that change which kernels run or how work is split: those `portable` sets (recorded on
 # every run when set).
 ONEDNN_SWITCHES = tuple(NUMERICS_ENV["portable"])
@@ -55,10 +58,21 @@ def cpu_facts(cpuinfo: str | None = None) -> dict[str, str]:
     lines = (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines()
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                  platform.processor() or "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    flags = cpu_flags("\n".join(lines))
     isa = " ".join(f for f in ISA_FLAGS if f in flags) if flags else "unknown"
     switches = {name.lower(): os.environ[name] for name in ONEDNN_SWITCHES if name in os.environ}
     return {"cpu_model": model, "cpu_isa": isa or "none of " + "/".join(ISA_FLAGS), **switches}
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (or `cpuinfo`); empty where the file says nothing."""
+    lines = (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines()
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+def onednn_ops_by_default(cpuinfo: str | None = None) -> bool:
+    """Whether TensorFlow turns its oneDNN ops on for this CPU when TF_ENABLE_ONEDNN_OPTS is not set."""
+    return bool(cpu_flags(cpuinfo) & set(ONEDNN_DEFAULT_FLAGS))
+
 
 def numerics_ready(mode: str) -> bool:
     """Whether this process's TensorFlow runs (or will run) with `mode`'s kernels."""
@@ -81,6 +95,18 @@ def restart_with_numerics(mode: str) -> None:
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **NUMERICS_ENV[mode]})
     use_numerics(mode)
+
+
+def pin_kernels(mode: str) -> dict[str, str]:
+    """What `mode` fixes once TensorFlow is loaded, as tags for the run (and the checkpoint's fingerprint):
+    under portable, Eigen's cache sizes (eigen_cache.py; one line and no training where they cannot be)."""
+    if mode != "portable":
+        return {}
+    from imgclf.training import eigen_cache
+
+    sizes = eigen_cache.chosen_sizes()
+    eigen_cache.pin(sizes)
+    return {"eigen_cache_sizes": " ".join(map(str, sizes))}
 
 
 def seed_everything(seed: int, jit_compile: bool = False, tf32: bool = False) -> None:

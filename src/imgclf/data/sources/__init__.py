@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from imgclf.errors import DataError
-from imgclf.registry import Registry
+from imgclf.plugins import Registry
 from imgclf.data.decode_pool import Workers
 
 

@@ -11,38 +11,30 @@ import numpy as np
 
 from imgclf.errors import DataError
 from imgclf.files.digests import sha256_bytes
-from imgclf.data.images import DEFAULT_SIZE, IMAGE_SUFFIXES, decode_image
+from imgclf.files.walk import walk_files
+from imgclf.data.images import DEFAULT_SIZE, IMAGE_SUFFIXES, decode_image, read_image_file
 from imgclf.data.sources import REGISTRY, DataSource, Source, existing_path
 from imgclf.data.decode_pool import Workers
 
 
 
 def _unreadable(path: Path, exc: OSError) -> DataError:
-    """One line for a file or folder the OS refuses (broken symlink, symlink loop, permissions)."""
-    hint = "; a broken symlink?" if path.is_symlink() and not path.exists() else ""
-    return DataError(f"{path}: unreadable ({exc.strerror or exc}{hint}); fix or remove it")
+    """One line for a file the OS refuses (permissions, vanished since it was listed)."""
+    return DataError(f"{path}: unreadable ({exc.strerror or exc}); fix or remove it")
 
 
-def _refuse_folder(exc: OSError) -> None:
-    # os.walk skips a folder it cannot list unless told otherwise: its images would vanish silently
-    raise _unreadable(Path(exc.filename), exc)
-
-
-def _class_images(class_dir: Path) -> list[Path]:
-    """Image files under class_dir (recursively, like Keras), sorted; dotfiles skipped, others refused."""
-    images = []
-    for root, dirs, names in os.walk(class_dir, onerror=_refuse_folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            path = Path(root, name)
-            if name.startswith("."):
-                continue
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}); remove it")
-            images.append(path)
-    if not images:
-        raise DataError(f"{class_dir}: empty class folder; add images to it or remove it")
-    return sorted(images, key=lambda p: p.relative_to(class_dir).as_posix())
+def _split_images(split_dir: Path, classes: list[str]) -> list[list[Path]]:
+    """Each class's image files (recursively, like Keras), sorted by relative path. One walk of the whole split
+    (files/walk.py's symlink policy), so a link from one class folder into the split lists no image twice."""
+    per_class: dict[str, list[Path]] = {name: [] for name in classes}
+    for path in walk_files(split_dir):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}); remove it")
+        per_class[path.relative_to(split_dir).parts[0]].append(path)
+    for name, images in per_class.items():
+        if not images:
+            raise DataError(f"{split_dir / name}: empty class folder; add images to it or remove it")
+    return list(per_class.values())
 
 
 def _list_split(split_dir: Path) -> tuple[list[str], list[Path], np.ndarray]:
@@ -60,7 +52,7 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[Path], np.ndarray]:
         classes.append(entry.name)
     if not classes:
         raise DataError(f"{split_dir}: no class folders; put images under {split_dir}/<class>/")
-    per_class = [_class_images(split_dir / name) for name in classes]
+    per_class = _split_images(split_dir, classes)
     files = [path for paths in per_class for path in paths]
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(paths) for paths in per_class])
     return classes, files, labels
@@ -73,9 +65,11 @@ HASH_FILES = 256  # files per task when only hashing them
 
 
 def _read(path: Path) -> bytes:
+    """The image file's bytes under the input policy's bounds (data/images.read_image_file: a FIFO, a device or an
+    oversize file is refused before it is read)."""
     try:
-        return path.read_bytes()
-    except OSError as exc:
+        return read_image_file(path)
+    except OSError as exc:  # failed while reading, after the open
         raise _unreadable(path, exc) from None
 
 

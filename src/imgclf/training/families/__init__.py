@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from imgclf.registry import Registry
+from imgclf.plugins import Registry
 
 
 def _no_problems(params: dict) -> list[str]:

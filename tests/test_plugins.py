@@ -1,4 +1,4 @@
-"""Plug-in registries (imgclf.registry): a plug-in that fails to import is named in one line, every time."""
+"""Plug-in registries (imgclf.plugins): a plug-in that fails to import is named in one line, every time."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def widgets(tmp_path, monkeypatch):
     package = tmp_path / PACKAGE
     package.mkdir()
     (package / "__init__.py").write_text(
-        "from imgclf.registry import Registry\nREGISTRY = Registry('widget', __name__, __path__)\n")
+        "from imgclf.plugins import Registry\nREGISTRY = Registry('widget', __name__, __path__)\n")
     for name in "abc":
         (package / f"{name}.py").write_text(f"from {PACKAGE} import REGISTRY\nREGISTRY.register('{name}', 1)\n")
     broken = f"from {PACKAGE} import REGISTRY\nREGISTRY.register('b', 2)\nraise RuntimeError('boom')\n"

@@ -1,4 +1,4 @@
-"""Plug-ins: every module of a plug-in package registers itself under its name (a data source, a model family).
+"""Plug-ins (not MLflow's model registry): every module of a plug-in package registers itself under its name (a data source, a model family).
 
 Adding one is adding a file: the registry imports every module of its package the first time it is
 asked for a name, so no list elsewhere has to be kept in step.
