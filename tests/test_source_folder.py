@@ -155,3 +155,16 @@ def test_a_fifo_named_like_an_image_is_refused_before_it_is_read(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DataError, match=f"{fifo}: not a regular file"):
         prepare(with_workers(make_params("folder", str(root)), 2), tmp_path / "out")
+
+
+@pytest.mark.parametrize("side, noted", [(32, False), (127, False), (200, True)])
+def test_prepare_says_in_one_line_when_the_images_are_far_larger_than_data_image_size(tmp_path, capsys, side, noted):
+    root = make_folder(tmp_path / "imgs", n_train=10, n_test=1, size=(side + 40, side))  # the shorter side counts
+    prepare(with_workers(make_params("folder", str(root)), 2), tmp_path / "out")
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
+    if noted:
+        assert notes == [f"Note: the images' median shorter side is {side} px, resized to 32x32 (data.image_size); "
+                         "for more detail set data.image_size (e.g. -S data.image_size=128): memory and time per "
+                         "epoch grow with its square"]
+    else:
+        assert notes == []

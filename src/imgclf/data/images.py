@@ -102,9 +102,12 @@ def header_pixels(data: bytes, path: Path) -> int:
         return img.size[0] * img.size[1]
 
 
-def decode_image(data: bytes, path: Path, size: int = DEFAULT_SIZE) -> np.ndarray:
-    """One encoded image -> uint8 (size, size, 3): fully decoded, converted to RGB, resized if needed."""
+def decode_image(data: bytes, path: Path, size: int = DEFAULT_SIZE, sides: list[int] | None = None) -> np.ndarray:
+    """One encoded image -> uint8 (size, size, 3): fully decoded, converted to RGB, resized if needed. Its shorter
+    side before the resize is appended to `sides` when given (prepare says when the images are far larger)."""
     with _open(data, path) as img:
+        if sides is not None:
+            sides.append(min(img.size))
         try:
             img.load()  # force the full decode so truncated files fail here, not later
             rgb = img.convert("RGB")

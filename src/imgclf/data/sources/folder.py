@@ -73,17 +73,24 @@ def _read(path: Path) -> bytes:
         raise _unreadable(path, exc) from None
 
 
-def _decode_chunk(root: Path, files: list[Path], size: int, out: Path, offset: int) -> list[tuple[str, str]]:
-    """In a worker: `files` decoded in order and written into `out` at `offset`; each file's (relpath, sha256).
+# Images whose median shorter side is this many times data.image_size or more lose most of their detail in the
+# resize: prepare says so in one line, naming the key (a photo folder at the default 32 px is the usual case).
+LARGER_NOTE_FACTOR = 4
+
+
+def _decode_chunk(root: Path, files: list[Path], size: int, out: Path, offset: int
+                  ) -> tuple[list[tuple[str, str]], list[int]]:
+    """In a worker: `files` decoded in order and written into `out` at `offset`; each file's (relpath, sha256),
+    and each image's shorter side before the resize.
 
     The pixels go to the file from here, not back through the parent: the parent's share (its reads to
     hash them) stays small, so the decoding scales with the workers."""
     x = np.empty((len(files), size, size, 3), np.uint8)
-    hashes = []
+    hashes, sides = [], []
     for i, path in enumerate(files):
         data = _read(path)  # read once: hashed and decoded from the same bytes
         hashes.append((path.relative_to(root).as_posix(), sha256_bytes(data)))
-        x[i] = decode_image(data, path, size)
+        x[i] = decode_image(data, path, size, sides)
     fd = os.open(out, os.O_WRONLY)
     try:
         view = memoryview(x.reshape(-1))
@@ -92,7 +99,7 @@ def _decode_chunk(root: Path, files: list[Path], size: int, out: Path, offset: i
             view, offset = view[written:], offset + written
     finally:
         os.close(fd)
-    return hashes
+    return hashes, sides
 
 
 def _hash_chunk(root: Path, files: list[Path]) -> list[tuple[str, str]]:
@@ -108,6 +115,7 @@ class FolderImages:
 
     def __init__(self, root: Path, files: list[Path], size: int, hashes: dict[str, str]):
         self.root, self.files, self.size, self.hashes = root, files, size, hashes
+        self.sides: list[int] = []  # the decoded images' shorter sides before the resize
         self.shape = (len(files), size, size, 3)
 
     def __len__(self) -> int:
@@ -120,9 +128,20 @@ class FolderImages:
         starts = range(0, len(rows), step)
         tasks = ((self.root, [self.files[i] for i in rows[start:start + step]], self.size, path,
                   offset + start * 3 * self.size**2) for start in starts)
-        for start, hashes in zip(starts, workers.ordered(_decode_chunk, tasks)):
+        for start, (hashes, sides) in zip(starts, workers.ordered(_decode_chunk, tasks)):
             self.hashes.update(hashes)
+            self.sides += sides
             yield min(start + step, len(rows))
+
+
+def size_note(sides: list[int], size: int) -> str | None:
+    """One line when the images are far larger than data.image_size, saying what to set; None otherwise."""
+    median = int(np.median(sides)) if sides else 0
+    if median < LARGER_NOTE_FACTOR * size:
+        return None
+    return (f"Note: the images' median shorter side is {median} px, resized to {size}x{size} (data.image_size); "
+            f"for more detail set data.image_size (e.g. -S data.image_size={min(4 * size, median)}): memory and "
+            "time per epoch grow with its square")
 
 
 def _digest(root: Path, files: list[Path], hashes: dict[str, str], workers: Workers) -> str:
@@ -158,6 +177,9 @@ def load_folder(path: str | Path, size: int = DEFAULT_SIZE) -> Source:
         test = (FolderImages(root, test_files, size, hashes), test_y)
 
     def finish(workers: Workers) -> dict:
+        note = size_note(x.sides + (test[0].sides if test else []), size)
+        if note:
+            print(note)
         return {"path": str(path), "sha256": _digest(root, [*files, *test_files], hashes, workers)}
 
     return Source(x, y, classes, {"path": str(path), "sha256": None}, test, finish)
