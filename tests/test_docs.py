@@ -4,6 +4,7 @@ repository, and the README stays a front page."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import subprocess
@@ -73,7 +74,24 @@ def check_sets(words: list[str]) -> None:
     """Every `-S key=value` names a params key with a valid value (the one validator, on params.yaml)."""
     sets = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-S", "--set")]
     sets = [s for s in sets if not re.fullmatch(r"[\w.]+=[A-Z_]+", s)]  # KEY=PLACEHOLDER: the key alone
-    load_params(REPO / "params.yaml", sets)
+    grid = [[f"{s.split('=', 1)[0]}={v}" for v in grid_values(s.split("=", 1)[1])] for s in sets]
+    for combination in itertools.product(*grid):  # DVC's grid `-S key=a,b`: every combination must be valid
+        load_params(REPO / "params.yaml", list(combination))
+
+
+def grid_values(value: str) -> list[str]:
+    """`a,b` -> [a, b] as `dvc exp run --queue` expands it; commas inside brackets ([8, 16]) stay."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(value):
+        depth += char in "[{(" and 1 or char in "]})" and -1 or 0
+        if char == "," and depth == 0:
+            parts, start = parts + [value[start:i]], i + 1
+    return parts + [value[start:]]
+
+
+def test_grid_values_split_like_dvcs_grid():
+    assert grid_values("0.001,0.0005") == ["0.001", "0.0005"] and grid_values("[[8], [16]]") == ["[[8], [16]]"]
+    assert grid_values("fast,fast_muon") == ["fast", "fast_muon"] and grid_values("51") == ["51"]
 
 
 def check_click(words: list[str]) -> None:
