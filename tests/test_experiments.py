@@ -219,3 +219,20 @@ def test_an_untracked_source_file_is_refused_before_anything_is_queued(repo_copy
         "experiments without them; `git add` them (staged files go with a queued experiment) or commit them, "
         "then rerun")
     assert "No experiment tasks in the queue." in run(["dvc", "queue", "status"], repo_copy).stdout
+
+
+@pytest.mark.long(200)
+@pytest.mark.e2e
+def test_a_2x2_grid_queues_four_experiments_whose_mlflow_runs_carry_the_swept_params(repo_copy):
+    """docs/experiments.md's sweep as a person types it: DVC's grid syntax, the queue started by hand, each
+    experiment an MLflow run of the repository's store with its swept params."""
+    grid = ["-S", "train.learning_rate=0.001,0.0005", "-S", "seed=51,52"]
+    run(["dvc", "exp", "run", "--queue", *grid, *set_args(TINY | {"train.training_epochs": "1"})], repo_copy)
+    assert run(["dvc", "queue", "status"], repo_copy).stdout.count("Queued") == 4
+    run(["dvc", "queue", "start", "--jobs", "1"], repo_copy)
+    wait_until(lambda: run(["dvc", "queue", "status"], repo_copy).stdout.count("Success") == 4, 900,
+               "four successful experiments", interval=5)
+    runs = [r for r in finished_runs(f"sqlite:///{repo_copy / 'mlflow.db'}", "imgclf")
+            if r.data.tags.get("evaluated") == "true"]
+    swept = sorted((r.data.params["train.learning_rate"], r.data.params["seed"]) for r in runs)
+    assert swept == [("0.0005", "51"), ("0.0005", "52"), ("0.001", "51"), ("0.001", "52")]
