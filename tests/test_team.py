@@ -101,6 +101,12 @@ class TeamServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def login(patch: pytest.MonkeyPatch, user: str, password: str) -> None:
+    """This process's MLflow client acts as `user` (MLflow reads the variables at every request)."""
+    patch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+
 @pytest.fixture(scope="module")
 def team():
     """The module's team server; this process's MLflow clients log in as its admin."""
@@ -108,9 +114,7 @@ def team():
     try:
         server.start()
         with pytest.MonkeyPatch.context() as patch:
-            user, password = server.auth
-            patch.setenv("MLFLOW_TRACKING_USERNAME", user)
-            patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            login(patch, *server.auth)
             yield server
     finally:
         server.cleanup()

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, error_line, finished_runs, pipeline_env, run
 from imgclf.config import load_params
-from test_team import TeamServer, one_error_line
+from test_team import TeamServer, login, one_error_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("team-auth")]
 
@@ -38,12 +38,6 @@ def server():
             yield team
     finally:
         team.cleanup()
-
-
-def login(patch: pytest.MonkeyPatch, user: str, password: str) -> None:
-    """This process's MLflow client acts as `user` (MLflow reads the variables at every request)."""
-    patch.setenv("MLFLOW_TRACKING_USERNAME", user)
-    patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
 
 
 def add_member(server: TeamServer, name: str, *flags: str) -> str:
