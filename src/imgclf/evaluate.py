@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ from imgclf.files.paths import (CLASSIFICATION_REPORT, CONFUSION_PNG, DEV_PREDIC
                                 MODEL_PATH, PR_CURVES_PNG, PR_DIR, PREPARED_DIR, REPORTS_DIR, RUN_INFO, TRAIN_SUMMARY)
 from imgclf.files.prepared_reader import load_prepared
 from imgclf.metrics import classification_metrics
-from imgclf.tracking.context import PER_CLASS
 from imgclf.tta import predict_logits, softmax
 from imgclf.training.numerics import pin_kernels
 
@@ -45,17 +43,26 @@ def write_predictions(y_true: np.ndarray, logits: np.ndarray, classes: list[str]
     atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
-def mlflow_metric_name(text: str) -> str:
-    """Class names may hold characters MLflow refuses in metric keys."""
-    return re.sub(r"[^0-9A-Za-z_.\-/ ]", "_", text)
+# MLflow's run page lists every metric section named by a key's prefix (`dev_f1_per_class/...`) above "Model
+# metrics" (the unprefixed keys: loss and the dev curves), so per-class scores as metrics would open the page on
+# them. MLflow's own classifier evaluator keeps them in this table artifact instead; so does evaluate.
+PER_CLASS_CSV = "per_class_metrics.csv"
 
 
-def final_metrics(results: dict, classes: list[str]) -> dict[str, float]:
-    """`<split>_f1_macro`, `<split>_accuracy` and `<split>_f1_per_class/<class>` for every evaluated split."""
-    final = {f"{split}_{key}": res[key] for split, res in results.items() for key in ("f1_macro", "accuracy")}
+def final_metrics(results: dict) -> dict[str, float]:
+    """`<split>_f1_macro` and `<split>_accuracy` for every evaluated split."""
+    return {f"{split}_{key}": res[key] for split, res in results.items() for key in ("f1_macro", "accuracy")}
+
+
+def per_class_table(results: dict, classes: list[str]) -> str:
+    """split,class,precision,recall,f1,support per evaluated split and class: the per-class scores as CSV."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)  # a "\r" in a name stays in it
+    writer.writerow(["split", "class", "precision", "recall", "f1", "support"])
     for split, res in results.items():
-        final.update({f"{split}_{PER_CLASS}/{mlflow_metric_name(c)}": res["per_class"][c]["f1"] for c in classes})
-    return final
+        writer.writerows([split, c, *(res["per_class"][c][k] for k in ("precision", "recall", "f1", "support"))]
+                         for c in classes)
+    return buf.getvalue()
 
 
 def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str], train: dict, tta: str,
@@ -64,7 +71,8 @@ def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str]
     run named `name`); then the `evaluated` tag, which is what tells these final scores from training's."""
     with tracker.evaluation_run(run_id, train["weights_sha256"], tta, name) as run:
         reports = (CONFUSION_PNG, MISTAKES_PNG, PR_CURVES_PNG, METRICS_JSON, CLASSIFICATION_REPORT)
-        run.log_final(final_metrics(results, classes), train["epochs_run"], [reports_dir / r for r in reports])
+        run.log_final(final_metrics(results), train["epochs_run"], [reports_dir / r for r in reports],
+                      {PER_CLASS_CSV: per_class_table(results, classes)})
 
 
 def training_run_id(reports_dir: Path, train: dict) -> str | None:

@@ -4,6 +4,7 @@ URIs that reach it, and the warning when it listens beyond this machine (passwor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -39,6 +41,35 @@ def public_uri(host: str, port: int) -> str:
     return http_uri(socket.gethostname() if host in WILDCARDS else host, port)
 
 
+def served_names(host: str) -> list[str]:
+    """The names the team's machines reach a server listening on `host` by: this machine's short and full name
+    for a wildcard (public_uri hands out the short one), else `host` itself; none for a loopback address."""
+    if host in WILDCARDS:  # getfqdn() is `localhost` where /etc/hosts maps the name to 127.0.0.1
+        return sorted({socket.gethostname(), socket.getfqdn()} - {"localhost", "localhost.localdomain"})
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return []
+    return [] if host == "localhost" else [host]
+
+
+def reach_by_name(host: str, port: int, mlflow_args: list[str]) -> list[str]:
+    """`mlflow server` options that let the team reach it by name. MLflow 3 answers only Host headers of localhost
+    and private-range addresses (its guard against DNS rebinding) and refuses the UI's writes from any other
+    origin, so a server on 0.0.0.0 answered 403 to `http://NAME:PORT`, the URI it tells members to export. MLflow's
+    defaults stay allowed; an --allowed-hosts or --cors-allowed-origins of the user's (after --) replaces ours."""
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    names = served_names(host)
+    if not names:
+        return []
+    given = {arg.partition("=")[0] for arg in mlflow_args}
+    hosts = [h for name in names for h in (name, urlsplit(http_uri(name, port)).netloc)]
+    extra = [] if "--allowed-hosts" in given else ["--allowed-hosts", ",".join(get_default_allowed_hosts() + hosts)]
+    if "--cors-allowed-origins" not in given:
+        extra += ["--cors-allowed-origins", ",".join(http_uri(name, port) for name in names)]
+    return extra
+
+
 def start_mlflow(team: TeamDir, args: argparse.Namespace, pg_port: int, password: str) -> Service:
     """Start `mlflow server` with basic auth on the PostgreSQL store in its own session; wait until /health
     answers (the one route MLflow's auth leaves open)."""
@@ -49,7 +80,8 @@ def start_mlflow(team: TeamDir, args: argparse.Namespace, pg_port: int, password
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
            "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{pg_port}/{DATABASE}",
            "--artifacts-destination", str(team.artifacts), "--host", args.host, "--port", str(args.port),
-           "--workers", str(args.workers), "--app-name", "basic-auth", *args.mlflow_args]
+           "--workers", str(args.workers), "--app-name", "basic-auth",
+           *reach_by_name(args.host, args.port, args.mlflow_args), *args.mlflow_args]
     with open(team.mlflow_log, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     service = Service("MLflow server", proc, team.mlflow_log, signal.SIGTERM, signal.SIGKILL, group=True)

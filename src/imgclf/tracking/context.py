@@ -16,7 +16,7 @@ from imgclf.training.numerics import cpu_facts
 
 
 EVALUATED = "evaluated"  # tag set by `evaluate` once a run holds its final scores: the experiments table counts these
-PER_CLASS = "f1_per_class"  # MLflow groups `dev_f1_per_class/<class>` in a chart section of its own
+PER_CLASS = "f1_per_class"  # runs evaluated before #43 logged `dev_f1_per_class/<class>` metrics (and no tag)
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:

@@ -103,17 +103,16 @@ class EvaluationRun:
     def __init__(self, run_id: str):
         self.run_id = run_id
 
-    def log_final(self, metrics: dict[str, float], step: int, reports: list[Path]) -> None:
-        """The final scores at the last epoch's step and the reports; then the `evaluated` tag, which is what
-        tells these final scores from training's per-epoch ones."""
-        # The headline scores go to the logged model too (MLflow's model view and the registry show them); logged
-        # with its id, a point is the run's as well, so each key is logged once.
-        model_id = logged_model_id(mlflow.get_run(self.run_id))
-        headline = {k: v for k, v in metrics.items() if "/" not in k}
-        mlflow.log_metrics(headline, step=step, model_id=model_id)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k not in headline}, step=step)
+    def log_final(self, metrics: dict[str, float], step: int, reports: list[Path], texts: dict[str, str]) -> None:
+        """The final scores at the last epoch's step, the reports and `texts` ({artifact name: text}); then the
+        `evaluated` tag, which is what tells these final scores from training's per-epoch ones."""
+        # The scores go to the logged model too (MLflow's model view and the registry show them); logged with its
+        # id, a point is the run's as well, so each key is logged once.
+        mlflow.log_metrics(metrics, step=step, model_id=logged_model_id(mlflow.get_run(self.run_id)))
         for path in reports:
             mlflow.log_artifact(str(path))
+        for name, text in texts.items():
+            mlflow.log_text(text, name)
         mlflow.set_tag(EVALUATED, "true")
 
 
