@@ -43,22 +43,34 @@ def require_prepared_png() -> None:
         raise SystemExit(f"{PREPARED_PNG}: not found; run benchmarks/time_to_accuracy.py first (it prepares the PNGs)")
 
 
-def cpu_header() -> str:
-    """The CPU model and the ISA flags that decide oneDNN's kernels (and bf16's speed), for every table header."""
+def cpu_header(cpu: str = "this") -> str:
+    """The CPU model and the ISA flags that decide oneDNN's kernels (and bf16's speed), for every table header,
+    and the code path when it is another CPU's."""
     from imgclf.training.numerics import cpu_facts
 
     facts = cpu_facts()
-    return f"CPU: {facts['cpu_model']}, {os.cpu_count()} cores, flags: {facts['cpu_isa']}"
+    path = "".join(f", {k}={v}" for k, v in CPU_PATHS[cpu].items())
+    return (f"CPU: {facts['cpu_model']}, {os.cpu_count()} cores, flags: {facts['cpu_isa']}"
+            + (f"; code path: {cpu}{path}" if cpu != "this" else ""))
 
 
-def child_env() -> dict[str, str]:
-    """A quiet TensorFlow and the package importable without installing it."""
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src")}
+# --cpu: the code path of which CPU the children run. avx2 is an AVX2-only CPU's (most CPUs people train on
+# without a GPU): oneDNN capped at AVX2, so its kernels, and every choice the pipeline makes from the CPU's flags
+# (train.kernels, bfloat16), see no AVX-512 or bf16. This machine's caches stay its own (Zen 4: 1 MB of L2 a core,
+# a Zen 3 has 512 KB), and TensorFlow's own default reads the real CPU, so the kernel path is set explicitly.
+CPU_PATHS = {"this": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
 
-def measure_child(script: str, args: list[str]) -> dict:
-    """Run `python script --child ARGS` in a fresh process and return the JSON on its last stdout line."""
-    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, env=child_env())
+def child_env(cpu: str = "this") -> dict[str, str]:
+    """A quiet TensorFlow, the package importable without installing it, and `cpu`'s code path."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO / "src"), **CPU_PATHS[cpu]}
+
+
+def measure_child(script: str, args: list[str], cpu: str = "this") -> dict:
+    """Run `python script --child ARGS` in a fresh process on `cpu`'s code path and return the JSON on its last
+    stdout line."""
+    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True,
+                          env=child_env(cpu))
     if proc.returncode != 0:
         raise SystemExit(f"{script} --child {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

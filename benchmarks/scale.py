@@ -386,7 +386,7 @@ def child_train(params_file: str, prepared: str, folder: str, image_size: int, b
     params = child_params(params_file, [*folder_overrides(folder, image_size), f"train.batch_size={batch}", *sets])
     from imgclf.training.numerics import seed_everything, use_numerics
 
-    use_numerics(params["train"]["numerics"])  # before TensorFlow loads, as `imgclf train`
+    use_numerics(params["train"]["numerics"], params["train"]["kernels"])  # before TensorFlow loads, as `imgclf train`
     from imgclf.files.prepared_reader import load_prepared
     from imgclf.tta import predict_logits
 
@@ -408,7 +408,7 @@ def child_cifar(mode: str, x_path: str, y_path: str, batch: int, steps: int, set
     params = child_params(str(REPO / "params.yaml"), ["model.arch=fast", f"train.batch_size={batch}", *sets])
     from imgclf.training.numerics import seed_everything, use_numerics
 
-    use_numerics(params["train"]["numerics"])
+    use_numerics(params["train"]["numerics"], params["train"]["kernels"])
     seed_everything(params["seed"], params["train"]["jit_compile"], params["train"]["tf32"])
     mmap = "r" if mode == "mmap" else None
     x, y = np.load(x_path, mmap_mode=mmap), np.load(y_path, mmap_mode=mmap)

@@ -25,6 +25,12 @@ Runs go seed by seed, so a benchmark stopped early still compares configurations
     python benchmarks/time_to_accuracy.py --only fast-muon-bf16 --seeds 52   # one configuration, one seed
     python benchmarks/time_to_accuracy.py --summary          # print the table from the results file
     python benchmarks/time_to_accuracy.py --epochs 1 --seeds 51 --results /tmp/smoke.json   # a smoke run
+    python benchmarks/time_to_accuracy.py --cpu avx2         # fast-muon on an AVX2-only CPU's path, before and now
+
+--cpu avx2 runs the children on an AVX2-only CPU's code path (common.CPU_PATHS; results-DATA-avx2.json): fast-muon
+as the pipeline runs it there (train.kernels=auto: oneDNN's ops, Newton-Schulz in float32) against fast-muon-eigen,
+what ran there before (TensorFlow's default Eigen kernels, airbench's bfloat16 Newton-Schulz, emulated); target:
+the whole run in <= 0.5x the time, at a final dev accuracy (TTA) >= 0.935.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, cpu_header, measure_child, verdict
+from common import CPU_PATHS, REPO, cpu_header, measure_child, verdict
 from peak import clock_ghz, peak_gflops
 
 DATA = {kind: REPO.parent / "shared" / "data" / f"cifar10-train-{kind}.tar.gz" for kind in ("png", "jpg")}
@@ -55,8 +61,11 @@ RUNS = {
     "fast-bf16": ("fast", BF16, [51, 52]),
     # 7 report epochs (~25-40 min here) outlast fast-bf16's training time, which is all the comparison needs
     "report": (None, {"train.training_epochs": 7}, [51]),
+    "fast-muon-eigen": ("fast_muon", F32 | {"train.kernels": "eigen", "model.fast.muon.ns_dtype": "bfloat16"}, [51]),
 }
-DEFAULT = ("fast-float32", "fast-muon-bf16", "fast-muon")  # without --only: the table the README quotes
+# without --only: the table the README quotes, and the AVX2 comparison
+DEFAULT = {"this": ("fast-float32", "fast-muon-bf16", "fast-muon"), "avx2": ("fast-muon-eigen", "fast-muon")}
+AVX2_BAR = (0.5, 0.935)  # fast-muon's whole run against fast-muon-eigen's on the AVX2 path; its final dev accuracy
 
 
 def overrides(config: str) -> dict:
@@ -87,8 +96,8 @@ def prepared_dir(kind: str) -> Path:
         raise SystemExit(f"{DATA[kind]}: not found; this benchmark needs the shared CIFAR-10 images")
     images = images_dir(kind)
     if not (images / "train").is_dir():
-        with tarfile.open(DATA[kind]) as tar:
-            tar.extractall(images, filter="data")
+        with tarfile.open(DATA[kind]) as tar:  # the data filter where this Python has it (3.11.4+)
+            tar.extractall(images, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     from imgclf.config import load_params
     from imgclf.prepare import prepare
 
@@ -120,14 +129,17 @@ def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict
     with tempfile.TemporaryDirectory(prefix="imgclf-tta-bench-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         os.chdir(tmp)  # MLflow puts a sqlite store's artifacts under ./mlruns: here, not in the caller's folder
-        from mlflow.tracking import MlflowClient
-
         from imgclf.config import load_params
-        from imgclf.evaluate import evaluate
-        from imgclf.train import train
+        from imgclf.training.numerics import use_numerics
 
         sets = [f"{k}={v}" for k, v in (sets | {"seed": seed}).items()]
         params = load_params(REPO / "params.yaml", sets + ["data.dataset=folder", f"data.path={images_dir(kind)}"])
+        use_numerics(params["train"]["numerics"], params["train"]["kernels"])  # before TensorFlow, as `imgclf train`
+        from mlflow.tracking import MlflowClient
+
+        from imgclf.evaluate import evaluate
+        from imgclf.train import train
+
         out = Path(tmp)
         summary = train(params, prepared, out / "model.keras", out, out / "checkpoint")
         metrics = evaluate(params, prepared, out / "model.keras", out)
@@ -137,13 +149,21 @@ def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict
         from imgclf.files import modelfile
 
         macs = forward_macs(modelfile.load(out / "model.keras"))
+        kernels = client.get_run(summary["mlflow_run_id"]).data.tags.get("kernels")
+        from imgclf.training.numerics import bf16_native
+
+        ns_dtype = params["model"]["fast"]["muon"]["ns_dtype"]
+        if ns_dtype == "auto":  # as the family resolves it (this benchmark runs on CPUs)
+            ns_dtype = "bfloat16" if bf16_native(kernels, gpu=False) else "float32"
     epochs = sorted(history["epoch_seconds"])
     train_images = json.loads((Path(prepared) / "manifest.json").read_text())["splits"]["train"]["count"]
     return {"config": config, "seed": seed, "macs": macs, "train_seconds": summary["train_seconds"],
             "train_images": train_images, "precision": params["train"]["mixed_precision"],
             "epochs": [{"epoch": e, **{k: history[k][e] for k in history}} for e in epochs],
             "final_dev_accuracy": metrics["dev"]["accuracy"], "final_dev_f1": metrics["dev"]["f1_macro"],
-            "tta": params["evaluate"]["tta"], "device": summary["device"], "data": kind}
+            "tta": params["evaluate"]["tta"], "device": summary["device"], "data": kind,
+            "path": f"{kernels} kernels, Newton-Schulz in {ns_dtype}, "
+                    f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}"}
 
 
 def time_to(epochs: list[dict], target: float) -> float | None:
@@ -230,6 +250,19 @@ def bf16_verdicts(by_config: dict[str, list[dict]]) -> list[str]:
             f"({len(runs)} seed(s)); GFLOP/s in the steps {share:.0%} of the bfloat16 peak {verdict(share, 0.6)}"]
 
 
+def avx2_verdicts(by_config: dict[str, list[dict]]) -> list[str]:
+    """fast-muon against fast-muon-eigen (--cpu avx2): the whole run's time and the accuracy it keeps."""
+    before, now = ({r["seed"]: r for r in by_config.get(c, [])} for c in ("fast-muon-eigen", "fast-muon"))
+    seeds = sorted(set(before) & set(now))
+    if not seeds:
+        return []
+    ratio = median([now[s]["wall_seconds"] for s in seeds]) / median([before[s]["wall_seconds"] for s in seeds])
+    acc = median([now[s]["final_dev_accuracy"] for s in seeds])
+    return [f"\nfast-muon ({now[seeds[0]].get('path')}) / fast-muon-eigen ({before[seeds[0]].get('path')}), whole run "
+            f"(seeds {', '.join(map(str, seeds))}, medians): {ratio:.3f} {verdict(ratio, AVX2_BAR[0], False)}; "
+            f"fast-muon final dev accuracy (TTA) {acc:.4f} {verdict(acc, AVX2_BAR[1])}"]
+
+
 def summary(results: list[dict]) -> str:
     """The table printed at the end (medians over seeds). 'outside steps': training time not spent in an
     epoch's training steps (building, whitening, the per-epoch dev pass, checkpoint and MLflow logging);
@@ -253,6 +286,7 @@ def summary(results: list[dict]) -> str:
     lines += ratio_verdict(by_config, "fast-muon", "train_seconds", "training time")
     lines += ratio_verdict(by_config, "fast-muon-bf16", "wall_seconds", "whole run")
     lines += bf16_verdicts(by_config)
+    lines += avx2_verdicts(by_config)
     fast_time = median([r["train_seconds"] for r in by_config.get("fast-muon-bf16", [])])
     for r in by_config.get("report", []):
         reached = accuracy_within(r["epochs"], fast_time) if fast_time else None
@@ -269,7 +303,8 @@ def main() -> int:
     parser.add_argument("--data", choices=sorted(DATA), default="png",
                         help="png: the exact pixels (accuracy figures); jpg: the lossy re-encoding")
     parser.add_argument("--only", nargs="+", choices=list(RUNS),
-                        help=f"configurations to run (default: {' '.join(DEFAULT)})")
+                        help=f"configurations to run (default: {DEFAULT})")
+    parser.add_argument("--cpu", choices=sorted(CPU_PATHS), default="this", help="whose code path (common.CPU_PATHS)")
     parser.add_argument("--results", type=Path, help="default: benchmarks/.cache/results-DATA.json")
     parser.add_argument("--summary", action="store_true", help="print the table from --results, run nothing")
     parser.add_argument("--epochs", type=int, default=0,
@@ -279,19 +314,19 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], int(args.child[3]), args.child[4])))
         return 0
-    args.results = args.results or CACHE / f"results-{args.data}.json"
+    args.results = args.results or CACHE / f"results-{args.data}{'' if args.cpu == 'this' else '-' + args.cpu}.json"
     ghz = clock_ghz()
-    print(f"{cpu_header()}, clock {fmt(ghz, '.2f', 'not measured')} GHz", flush=True)
+    print(f"{cpu_header(args.cpu)}, clock {fmt(ghz, '.2f', 'not measured')} GHz", flush=True)
     results = json.loads(args.results.read_text()) if args.results.is_file() else []
     if not args.summary:
         prepared = prepared_dir(args.data)
         done = {(r["config"], r["seed"]) for r in results}
-        for config, seed in schedule(args.only or list(DEFAULT), args.seeds):
+        for config, seed in schedule(args.only or list(DEFAULT[args.cpu]), args.seeds):
             if (config, seed) in done:
                 continue
             print(f"running {config} seed {seed} ...", flush=True)
             start = time.perf_counter()
-            result = measure_child(__file__, [config, str(seed), str(prepared), str(args.epochs), args.data])
+            result = measure_child(__file__, [config, str(seed), str(prepared), str(args.epochs), args.data], args.cpu)
             results.append(result | {"wall_seconds": time.perf_counter() - start, "clock_ghz": ghz})
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1))

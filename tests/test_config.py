@@ -37,6 +37,7 @@ def test_repo_params_are_the_reports_settings():
         "mixed_precision": "none", "jit_compile": False, "distribute": "none",  # the report: float32, one device
         "tf32": False, "stop_on_collapse": True,  # full float32 on GPUs too
         "numerics": "native",  # this CPU's fastest kernels
+        "kernels": "auto",  # oneDNN's wherever the CPU has AVX2
     }
     assert params["model"]["input_scale"] == 1.0 and params["model"]["arch"] == "report"
     assert params["data"]["dataset"] == "digits" and params["data"]["image_size"] == 32

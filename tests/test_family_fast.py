@@ -235,6 +235,21 @@ def test_compile_muon_routes_every_conv_kernel_to_muon_and_converts_the_sgd_grou
     assert float(model.get_layer("logit_scale").scale) == pytest.approx(1 / 256)
 
 
+@pytest.mark.parametrize("ns_dtype, bf16_native, expected", [
+    ("auto", True, "bfloat16"), ("auto", False, "float32"),   # airbench's bf16 only on bf16 hardware
+    ("bfloat16", False, "bfloat16"), ("float32", True, "float32"),  # an explicit value is itself
+])
+def test_newton_schulz_runs_in_bfloat16_only_where_the_machine_multiplies_it_natively(ns_dtype, bf16_native,
+                                                                                     expected, capsys):
+    params = fast_params(optimizer="muon")
+    params["model"]["fast"]["muon"]["ns_dtype"] = ns_dtype
+    params["train"]["bf16_native"] = bf16_native  # train.for_this_machine's answer for this machine
+    model = fast.build(params, 10, IMAGES)
+    fast.compile_model(model, params, steps_per_epoch=23)
+    assert model.optimizer.ns_dtype == expected
+    assert (f"Muon's Newton-Schulz: {expected} (auto: " in capsys.readouterr().out) is (ns_dtype == "auto")
+
+
 @pytest.mark.parametrize("sets, culprit", [
     ({"data.image_size": 8, "model.fast.widths": [8, 8, 8, 8]}, "data.image_size=8: too small"),
     ({"data.image_size": 8, "model.fast.translate": 8}, "model.fast.translate=8"),

@@ -23,7 +23,7 @@ PROBE = """
 import json, os, sys
 from imgclf.training.numerics import use_numerics
 {before}
-use_numerics(sys.argv[1])
+use_numerics(*sys.argv[1:])
 from tensorflow.python.util import _pywrap_util_port
 print(json.dumps({{"onednn_ops": _pywrap_util_port.IsMklEnabled(),
                   "env": {{k: os.environ.get(k) for k in {names!r}}}}}))
@@ -31,18 +31,26 @@ print(json.dumps({{"onednn_ops": _pywrap_util_port.IsMklEnabled(),
 NAMES = sorted(NUMERICS_ENV["portable"])
 
 
-def probe(mode: str, before: str = "") -> subprocess.CompletedProcess:
+def probe(mode: str, before: str = "", kernels: str = "auto") -> subprocess.CompletedProcess:
     env = {k: v for k, v in pipeline_env().items() if k not in NAMES}
-    return subprocess.run([sys.executable, "-c", PROBE.format(before=before, names=NAMES), mode],
+    return subprocess.run([sys.executable, "-c", PROBE.format(before=before, names=NAMES), mode, kernels],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_portable_turns_onednn_off_and_fixes_the_threads_native_changes_nothing():
+# What native's oneDNN switch is set to, where TensorFlow's own default (by the CPU: on with AVX-512 VNNI/BF16 or
+# AMX, off on AVX2-only CPUs) is not the path asked for.
+SWITCH = {"onednn": None if onednn_ops_by_default() else "1", "eigen": "0" if onednn_ops_by_default() else None}
+
+
+def test_portable_turns_onednn_off_and_fixes_the_threads_native_runs_onednn_on_every_avx2_cpu():
     portable, native = probe("portable"), probe("native")
     assert json.loads(portable.stdout) == {"onednn_ops": False, "env": NUMERICS_ENV["portable"]}
-    # native leaves the choice to TensorFlow, which decides by the CPU: on with AVX-512 VNNI/BF16 or AMX, off on
-    # AVX2-only CPUs
-    assert json.loads(native.stdout) == {"onednn_ops": onednn_ops_by_default(), "env": dict.fromkeys(NAMES)}
+    # native's train.kernels=auto is oneDNN's ops wherever the CPU has AVX2, switched on where TensorFlow would not
+    assert json.loads(native.stdout) == {"onednn_ops": True,
+                                         "env": dict.fromkeys(NAMES) | {"TF_ENABLE_ONEDNN_OPTS": SWITCH["onednn"]}}
+    eigen = probe("native", kernels="eigen")
+    assert json.loads(eigen.stdout) == {"onednn_ops": False,
+                                        "env": dict.fromkeys(NAMES) | {"TF_ENABLE_ONEDNN_OPTS": SWITCH["eigen"]}}
 
 
 RESTART = """
@@ -65,7 +73,9 @@ def test_restart_starts_the_command_again_with_the_modes_environment_once_tensor
                               timeout=60, check=True).stdout.splitlines()
 
     assert starts("portable") == ["started None", "started 0", "ready 0"]
-    assert starts("native") == ["started None", "ready None"]  # nothing to change: no second start
+    switch = SWITCH["onednn"]  # nothing to change where TensorFlow's default is the path: no second start
+    assert starts("native") == (["started None", "ready None"] if switch is None else
+                                ["started None", f"started {switch}", f"ready {switch}"])
 
 
 def test_portable_is_refused_once_tensorflow_started_with_other_kernels():
@@ -74,7 +84,13 @@ def test_portable_is_refused_once_tensorflow_started_with_other_kernels():
     last = late.stderr.strip().splitlines()[-1]
     assert last.startswith("imgclf.errors.ImgclfError: train.numerics=portable needs TensorFlow started with "
                            "TF_ENABLE_ONEDNN_OPTS=0 ")
+    # auto takes what the TensorFlow already loaded runs; an explicit path it does not run is refused
     assert json.loads(probe("native", before="import tensorflow").stdout)["onednn_ops"] is onednn_ops_by_default()
+    other = "eigen" if onednn_ops_by_default() else "onednn"
+    refused = probe("native", before="import tensorflow", kernels=other)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"imgclf.errors.ImgclfError: train.numerics=native with train.kernels={other} needs TensorFlow started with "
+        f"TF_ENABLE_ONEDNN_OPTS={'0' if other == 'eigen' else '1'}")
 
 
 def test_a_rerun_diff_names_the_numerics_mode_and_its_variables(tmp_path):
@@ -121,17 +137,30 @@ def test_portable_weights_do_not_depend_on_onednns_isa_and_rerun_trains_in_that_
 CPUINFO = "model name\t: Some CPU\nflags\t\t: fpu sse2 {flags}\n"
 
 
-@pytest.mark.parametrize("flags, numerics, gpu, expected", [
-    ("avx2 avx512f avx512_bf16", "native", False, "mixed_bfloat16"),
-    ("avx2 avx512f amx_bf16", "native", False, "mixed_bfloat16"),
-    ("avx2 avx512f", "native", False, "none"),           # no bf16 in hardware: TensorFlow would emulate it
-    ("avx2", "native", False, "none"),
+@pytest.mark.parametrize("flags, path, gpu, expected", [
+    ("avx2 avx512f avx512_bf16", "onednn", False, "mixed_bfloat16"),
+    ("avx2 avx512f amx_bf16", "onednn", False, "mixed_bfloat16"),
+    ("avx2 avx512f", "onednn", False, "none"),           # no bf16 in hardware: TensorFlow would emulate it
+    ("avx2", "onednn", False, "none"),
+    ("avx2 avx512f avx512_bf16", "eigen", False, "none"),     # Eigen's kernels emulate bf16
     ("avx2 avx512f avx512_bf16", "portable", False, "none"),  # portable turns the bf16 kernels off
-    ("avx2 avx512f avx512_bf16", "native", True, "none"),     # the fast presets train in float32 on GPUs
+    ("avx2 avx512f avx512_bf16", "onednn", True, "none"),     # the fast presets train in float32 on GPUs
 ])
-def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions(flags, numerics, gpu, expected):
-    policy, why = resolve_precision("auto", numerics, gpu, CPUINFO.format(flags=flags))
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions(flags, path, gpu, expected, monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the emulated AVX2 shell's cap: tested on its own
+    policy, why = resolve_precision("auto", path, gpu, CPUINFO.format(flags=flags))
     assert policy == expected and why.startswith("auto: ")
     # An explicit choice is kept whatever the machine.
-    assert resolve_precision("mixed_float16", numerics, gpu, CPUINFO.format(flags=flags))[0] == "mixed_float16"
-    assert resolve_precision("none", numerics, gpu, CPUINFO.format(flags=flags))[0] == "none"
+    assert resolve_precision("mixed_float16", path, gpu, CPUINFO.format(flags=flags))[0] == "mixed_float16"
+    assert resolve_precision("none", path, gpu, CPUINFO.format(flags=flags))[0] == "none"
+
+
+def test_an_onednn_isa_cap_below_bfloat16_makes_auto_float32(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU's path): oneDNN has no bf16 kernels, so auto must not ask for them
+    (it did, and oneDNN aborted the process on a bf16 matmul it could not build)."""
+    bf16 = CPUINFO.format(flags="avx2 avx512f avx512_bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    policy, why = resolve_precision("auto", "onednn", False, bf16)
+    assert policy == "none" and "ONEDNN_MAX_CPU_ISA=AVX2" in why
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # a cap at or above bf16 leaves it
+    assert resolve_precision("auto", "onednn", False, bf16)[0] == "mixed_bfloat16"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_TINY, TINY, pipeline_env, run, set_args
-from imgclf.training.numerics import cpu_facts
+from imgclf.training.numerics import usable_flags
 
 pytestmark = pytest.mark.e2e
 
@@ -42,10 +43,6 @@ def logged_losses(client, run_id: str) -> list[tuple]:
     return [(step, *(steps[i][1] for steps in by_key)) for i, (step, _) in enumerate(by_key[0])]
 
 
-def cpu_has_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_facts()["cpu_isa"].split()))  # cpu_facts: test_machine.py
-
-
 @pytest.mark.long(60)
 def test_auto_precision_follows_the_cpu_is_recorded_and_reruns_bit_identical(prepared_copy):
     # fast_muon as the presets run it (train.mixed_precision: auto), tiny, on TINY's prepared data.
@@ -57,11 +54,17 @@ def test_auto_precision_follows_the_cpu_is_recorded_and_reruns_bit_identical(pre
         proc = run(["imgclf", *set_args(sets), "train"], prepared_copy)
         runs.append(json.loads((prepared_copy / "reports/train.json").read_text())
                     | json.loads((prepared_copy / "reports/run.json").read_text()))
-    policy = "mixed_bfloat16" if cpu_has_bf16() else "none"
+    # train.kernels=auto: oneDNN's on every AVX2 CPU, unless the shell switched them off (the emulated AVX2 path)
+    path = "eigen" if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").lower() in ("0", "false") else "onednn"
+    native_bf16 = path == "onednn" and bool(usable_flags() & {"avx512_bf16", "amx_bf16"})  # under the shell's ISA cap
+    policy = "mixed_bfloat16" if native_bf16 else "none"
+    assert f"Kernels: {path} (auto: " in proc.stdout
     assert f"Precision: {'float32' if policy == 'none' else policy} (auto: " in proc.stdout
+    assert f"Muon's Newton-Schulz: {'bfloat16' if native_bf16 else 'float32'} (auto: " in proc.stdout
     assert runs[0]["weights_sha256"] == runs[1]["weights_sha256"]
     logged = MlflowClient(f"sqlite:///{prepared_copy / 'mlflow.db'}").get_run(runs[1]["mlflow_run_id"]).data
     assert logged.tags["mixed_precision"] == policy and logged.params["train.mixed_precision"] == "auto"
+    assert logged.tags["kernels"] == path and logged.params["train.kernels"] == "auto"
 
 
 @pytest.mark.long(120)

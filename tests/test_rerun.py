@@ -40,11 +40,13 @@ def test_match_and_the_explanation_of_a_diff(client):
 
 def test_a_diff_names_the_cpu_isa_and_onednn_switches_that_differ(client):
     """The facts that tell 'another CPU' from 'a real change': same device string, different oneDNN kernels."""
-    first = logged_run(client, "a" * 64, [3.0], cpu_model="AMD EPYC", cpu_isa="avx2 avx512f avx512_bf16")
+    first = logged_run(client, "a" * 64, [3.0], cpu_model="AMD EPYC", cpu_isa="avx2 avx512f avx512_bf16",
+                       kernels="onednn")
     other = logged_run(client, "b" * 64, [3.0], cpu_model="AMD EPYC", cpu_isa="avx2",
-                       onednn_max_cpu_isa="AVX2")
+                       onednn_max_cpu_isa="AVX2", kernels="eigen")
     _, lines = rerun.compare(client, client.get_run(first), other)
     assert lines[1:] == ["  per-epoch losses are identical",
+                         "  environment differs: kernels: onednn -> eigen",
                          "  environment differs: cpu_isa: avx2 avx512f avx512_bf16 -> avx2",
                          "  environment differs: onednn_max_cpu_isa: None -> AVX2"]
 

@@ -38,7 +38,7 @@ def stage_command(module: str):
         from imgclf.workspace import writer
 
         params = _params(args)
-        use_numerics(params["train"]["numerics"])  # before the stage imports TensorFlow
+        use_numerics(params["train"]["numerics"], params["train"]["kernels"])  # before the stage imports TensorFlow
         with writer(module):  # one writer per workspace, and its output folders writable, before any work
             imports_first(f"imgclf.{module}", *STAGE_IMPORTS[module]).main(params)
 

@@ -22,7 +22,7 @@ from imgclf.data import sources
 from imgclf.training import families
 from imgclf.errors import ImgclfError
 from imgclf.experiments.presets import PRESETS, SHIPPED
-from imgclf.training.numerics import NUMERICS_ENV
+from imgclf.training.numerics import KERNELS, NUMERICS_ENV
 from imgclf.files.paths import PARAMS_FILE
 from imgclf.schema import BOOL, INT, NUM, STR, Key, check_node, finite, one_of
 
@@ -105,6 +105,7 @@ BASE_SCHEMA: dict[str, Any] = {
         "distribute": one_of(STRATEGIES),
         "tf32": Key(BOOL),
         "numerics": one_of(tuple(NUMERICS_ENV)),
+        "kernels": one_of(KERNELS),
         "stop_on_collapse": Key(BOOL),
     },
     "evaluate": {

@@ -28,8 +28,8 @@ from imgclf.files.prepared_reader import load_prepared
 # Tags whose difference explains a DIFF: see tracking.context's lineage_tags and environment_tags, and
 # training.numerics.cpu_facts.
 ENV_TAGS = ("git_commit", "code_digest", "python_version", "tensorflow_version", "keras_version", "numpy_version",
-            "platform", "device", "numerics", "mixed_precision", "cpu_model", "cpu_isa", *(s.lower() for s in ONEDNN_SWITCHES),
-            "cpu_count", "tf_intra_op_threads", "tf_inter_op_threads", "eigen_cache_sizes")
+            "platform", "device", "numerics", "kernels", "mixed_precision", "cpu_model", "cpu_isa",
+            *(s.lower() for s in ONEDNN_SWITCHES), "cpu_count", "tf_intra_op_threads", "tf_inter_op_threads", "eigen_cache_sizes")
 
 
 def fill_later_keys(logged, defaults: dict, prefix: str = "") -> list[str]:
@@ -165,7 +165,7 @@ def rerun_here(original, params: dict, prepared_dir: Path, restart: bool) -> str
     already (a caller imported it), `restart` (the CLI) starts the command again with that environment."""
     from imgclf.training.numerics import restart_with_numerics, use_numerics
 
-    (restart_with_numerics if restart else use_numerics)(params["train"]["numerics"])
+    (restart_with_numerics if restart else use_numerics)(params["train"]["numerics"], params["train"]["kernels"])
     check_same_data(original, prepared_dir)
     train = imports_first("imgclf.train").train  # TensorFlow, in the run's numerics mode
     with tempfile.TemporaryDirectory(prefix="imgclf-rerun-") as tmp:

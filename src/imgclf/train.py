@@ -22,8 +22,8 @@ from imgclf.training.input_pipeline import make_dataset, steps_per_epoch
 from imgclf.errors import deferred_interrupts, raise_if_interrupted
 from imgclf.files.atomic import atomic_write, write_json
 from imgclf.metrics import HISTORY_COLUMNS
-from imgclf.training.numerics import (pin_kernels, precision_policy, resolve_precision, seed_everything,
-                                      use_numerics)
+from imgclf.training.numerics import (bf16_native, chosen_kernels, pin_kernels, precision_policy, resolve_precision,
+                                      seed_everything, use_numerics)
 from imgclf.files.paths import (CHECKPOINT_DIR, HISTORY_CSV, LOSS_PNG, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, RUN_INFO,
                           TRAIN_SUMMARY)
 from imgclf.files.prepared_reader import load_prepared
@@ -42,17 +42,21 @@ def build_compiled(params: dict, num_classes: int, strategy, x_train: np.ndarray
     return model
 
 
-def with_precision(params: dict) -> tuple[dict, str]:
-    """params with train.mixed_precision resolved for this machine (`auto`: numerics.resolve_precision) and
-    the chosen policy; it is what builds the net and keys the checkpoint, so a checkpoint written in bfloat16
-    is never resumed in float32."""
+def for_this_machine(params: dict) -> tuple[dict, dict[str, str]]:
+    """params with train.kernels and train.mixed_precision resolved for this machine (numerics.chosen_kernels,
+    resolve_precision), plus whether bfloat16 matmuls run on bfloat16 hardware here (what a family's own `auto`
+    dtypes follow), and the choices as the run's tags. The resolved params build the net and key the
+    checkpoint, so a checkpoint written in bfloat16 or on other kernels is never resumed with these."""
     import tensorflow as tf
 
     cfg, gpu = params["train"], bool(tf.config.list_physical_devices("GPU"))
-    policy, why = resolve_precision(cfg["mixed_precision"], cfg["numerics"], gpu)
+    path, why = chosen_kernels(cfg["numerics"], cfg["kernels"])
+    print(f"Kernels: {path} ({why})")
+    policy, why = resolve_precision(cfg["mixed_precision"], path, gpu)
     if cfg["mixed_precision"] == "auto":
         print(f"Precision: {'float32' if policy == 'none' else policy} ({why})")
-    return {**params, "train": {**cfg, "mixed_precision": policy}}, policy
+    resolved = {**cfg, "kernels": path, "mixed_precision": policy, "bf16_native": bf16_native(path, gpu)}
+    return {**params, "train": resolved}, {"kernels": path, "mixed_precision": policy}
 
 
 def device_name() -> str:
@@ -210,7 +214,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     """
     start = time.perf_counter()
     paths, ckpt_dir, cfg = {"model": Path(model_path), "reports": Path(reports_dir)}, Path(ckpt_dir), params["train"]
-    use_numerics(cfg["numerics"])  # refuses if TensorFlow started with other kernels than asked for
+    use_numerics(cfg["numerics"], cfg["kernels"])  # refuses if TensorFlow started with other kernels than asked for
     # 1. The strategy first (multi-worker collectives must be set up before any other TF op), then fail
     #    fast on an unreachable tracking server, before any expensive work. Only the chief tracks.
     strategy = distribute.make_strategy(cfg["distribute"])
@@ -221,7 +225,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     pinned = pin_kernels(cfg["numerics"])  # portable: Eigen's cache sizes, before any training op
     splits, manifest = load_prepared(prepared_dir)
     # 3. Build the family's net; continue from a checkpoint of this very configuration if one exists.
-    resolved, policy = with_precision(params)
+    resolved, machine = for_this_machine(params)
     model = build_compiled(resolved, len(manifest["classes"]), strategy, splits["train"][0])
     fingerprint = checkpoint.fingerprint({**resolved, "train": {**resolved["train"], **pinned}}, manifest["digest"])
     resume = _resume(model, strategy, ckpt_dir, fingerprint, chief)
@@ -232,7 +236,7 @@ def train(params: dict, prepared_dir: str | Path = PREPARED_DIR, model_path: str
     #    Signals are only recorded while it runs and raised at the next batch, in our own code.
     tags = {**(tags or {}), "replicas": str(strategy.num_replicas_in_sync),
             "op_determinism": str(not cfg["jit_compile"]).lower(), "tf32": str(cfg["tf32"]).lower(),
-            "numerics": cfg["numerics"], "mixed_precision": policy, **pinned}
+            "numerics": cfg["numerics"], **machine, **pinned}
     with tracker.training_run(params, manifest, model, device, resume and resume["mlflow_run_id"], tags) as run, \
             deferred_interrupts():
         if resume:

@@ -40,6 +40,14 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # TensorFlow's Linux wheels turn their oneDNN ops on by default only on a CPU with one of these (DefaultOneDnnPolicy
 # in TensorFlow's util.cc); elsewhere, AVX2-only CPUs included, Eigen's kernels run unless TF_ENABLE_ONEDNN_OPTS=1.
 ONEDNN_DEFAULT_FLAGS = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+# ONEDNN_MAX_CPU_ISA -> the prefixes of the CPU flags above that cap (ALL, AMX and unknown values leave them all).
+_PAST_AVX2 = ("avx512", "avx_vnni", "amx")
+ISA_CAPS = {"SSE41": ("avx", "fma", "amx"), "AVX": ("avx2", "fma", *_PAST_AVX2), "AVX2": _PAST_AVX2,
+            "AVX2_VNNI": ("avx512", "amx"), "AVX2_VNNI_2": ("avx512", "amx"),
+            "AVX512_CORE": ("avx512_vnni", "avx512_bf16", "avx512_fp16", "amx"),
+            "AVX512_CORE_VNNI": ("avx512_bf16", "avx512_fp16", "amx"), "AVX512_CORE_BF16": ("avx512_fp16", "amx"),
+            "AVX10_1_512": ("amx",)}
+KERNELS = ("auto", "onednn", "eigen")  # train.kernels (resolve_kernels)
 # Environment switches that change which kernels run or how work is split: those `portable` sets (recorded on
 # every run when set).
 ONEDNN_SWITCHES = tuple(NUMERICS_ENV["portable"])
@@ -69,32 +77,105 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
+def usable_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's flags less those above ONEDNN_MAX_CPU_ISA's cap: what oneDNN's kernels, and every choice made
+    from them (bfloat16, the kernel path), can use here. The cap is how an AVX2-only CPU is imitated."""
+    above = ISA_CAPS.get(os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper(), ())
+    return {flag for flag in cpu_flags(cpuinfo) if not flag.startswith(above)}
+
+
 def onednn_ops_by_default(cpuinfo: str | None = None) -> bool:
-    """Whether TensorFlow turns its oneDNN ops on for this CPU when TF_ENABLE_ONEDNN_OPTS is not set."""
+    """Whether TensorFlow turns its oneDNN ops on for this CPU when TF_ENABLE_ONEDNN_OPTS is not set (it reads
+    the CPU itself, whatever ONEDNN_MAX_CPU_ISA says)."""
     return bool(cpu_flags(cpuinfo) & set(ONEDNN_DEFAULT_FLAGS))
 
 
-def numerics_ready(mode: str) -> bool:
+def _switch(value: str | None) -> bool | None:
+    """TF_ENABLE_ONEDNN_OPTS as TensorFlow reads it: 1/true on, 0/false off, anything else its default."""
+    return {"1": True, "true": True, "0": False, "false": False}.get((value or "").strip().lower())
+
+
+def onednn_ops_on(cpuinfo: str | None = None) -> bool:
+    """Whether a TensorFlow started with this process's environment runs its oneDNN ops."""
+    switch = _switch(os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
+    return onednn_ops_by_default(cpuinfo) if switch is None else switch
+
+
+def resolve_kernels(name: str, mode: str, cpuinfo: str | None = None) -> tuple[str, str]:
+    """(path, why) for train.kernels=`name` under train.numerics=`mode`: onednn, eigen or portable.
+
+    auto is oneDNN's ops on every CPU with AVX2. TensorFlow turns them on by itself only with AVX-512 VNNI/BF16
+    or AMX; on an AVX2-only CPU it runs Eigen's convolutions, where the fast_muon step took 1.9x as long
+    (docs/performance.md). A TF_ENABLE_ONEDNN_OPTS set in the environment is someone's choice and is kept, and
+    so is what a TensorFlow loaded before the choice (a notebook's) runs."""
+    if mode == "portable":
+        return "portable", "train.numerics=portable runs its own kernels"
+    if name != "auto":
+        return name, "train.kernels"
+    if "tensorflow" in sys.modules:
+        return ("onednn" if onednn_ops_on(cpuinfo) else "eigen"), "auto: as the TensorFlow already loaded runs"
+    switch = _switch(os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
+    if switch is not None:
+        return ("onednn" if switch else "eigen"), f"auto: TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}"
+    if onednn_ops_by_default(cpuinfo):
+        return "onednn", "auto: TensorFlow's default on this CPU"
+    if "avx2" in usable_flags(cpuinfo):
+        return "onednn", ("auto: TensorFlow would leave them off on this CPU (no AVX-512 VNNI/BF16 or AMX) and run "
+                          "Eigen's, which are slower (docs/performance.md)")
+    return "eigen", "auto: no AVX2, TensorFlow's default"
+
+
+_CHOSEN: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def chosen_kernels(mode: str, kernels: str = "auto") -> tuple[str, str]:
+    """resolve_kernels on this machine, once per process: setting up TensorFlow sets TF_ENABLE_ONEDNN_OPTS,
+    and the reason reported is the one that chose it."""
+    return _CHOSEN.setdefault((mode, kernels), resolve_kernels(kernels, mode))
+
+
+def bf16_native(path: str, gpu: bool, cpuinfo: str | None = None) -> bool:
+    """Whether bfloat16 matmuls run on bfloat16 hardware: on a GPU, or through oneDNN on a CPU with bf16
+    instructions. Elsewhere TensorFlow emulates them, several times slower than float32."""
+    return gpu or (path == "onednn" and bool(usable_flags(cpuinfo) & set(BF16_FLAGS)))
+
+
+def numerics_ready(mode: str, kernels: str = "auto") -> bool:
     """Whether this process's TensorFlow runs (or will run) with `mode`'s kernels."""
-    return "tensorflow" not in sys.modules or all(os.environ.get(k) == v for k, v in NUMERICS_ENV[mode].items())
+    if "tensorflow" not in sys.modules:
+        return True
+    if mode == "portable":
+        return all(os.environ.get(k) == v for k, v in NUMERICS_ENV[mode].items())
+    return onednn_ops_on() == (chosen_kernels(mode, kernels)[0] == "onednn")
 
 
-def use_numerics(mode: str) -> None:
+def kernels_env(mode: str, kernels: str = "auto") -> dict[str, str]:
+    """What TensorFlow has to start with for train.numerics=`mode` and train.kernels=`kernels`: portable's
+    environment, or the oneDNN switch where TensorFlow's own choice on this CPU differs from the path's."""
+    if mode == "portable":
+        return NUMERICS_ENV[mode]
+    wanted = chosen_kernels(mode, kernels)[0] == "onednn"
+    return {} if onednn_ops_on() == wanted else {"TF_ENABLE_ONEDNN_OPTS": "1" if wanted else "0"}
+
+
+def use_numerics(mode: str, kernels: str = "auto") -> None:
     """Give TensorFlow `mode`'s environment; it reads it once, so this has to happen before it is imported."""
-    if not numerics_ready(mode):
-        settings = " ".join(f"{k}={v}" for k, v in NUMERICS_ENV[mode].items())
-        raise ImgclfError(f"train.numerics={mode} needs TensorFlow started with {settings}, but this process "
-                          f"imported it without; run `imgclf train` (it sets them) or set them before Python starts")
-    os.environ.update(NUMERICS_ENV[mode])
+    env = kernels_env(mode, kernels)
+    if not numerics_ready(mode, kernels):
+        settings = " ".join(f"{k}={v}" for k, v in env.items())
+        asked = f"train.numerics={mode}" + (f" with train.kernels={kernels}" if mode != "portable" else "")
+        raise ImgclfError(f"{asked} needs TensorFlow started with {settings}, but this process imported it without; "
+                          f"run `imgclf train` (it sets them) or set them before Python starts")
+    os.environ.update(env)
 
 
-def restart_with_numerics(mode: str) -> None:
+def restart_with_numerics(mode: str, kernels: str = "auto") -> None:
     """Re-execute this command with `mode`'s environment when TensorFlow is already loaded without it (a
     rerun learns the mode from MLflow after importing it); otherwise just set it."""
-    if not numerics_ready(mode):
+    if not numerics_ready(mode, kernels):
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **NUMERICS_ENV[mode]})
-    use_numerics(mode)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **kernels_env(mode, kernels)})
+    use_numerics(mode, kernels)
 
 
 def pin_kernels(mode: str) -> dict[str, str]:
@@ -127,24 +208,27 @@ def seed_everything(seed: int, jit_compile: bool = False, tf32: bool = False) ->
         tf.config.experimental.enable_op_determinism()
 
 
-def resolve_precision(name: str, numerics: str, gpu: bool, cpuinfo: str | None = None) -> tuple[str, str]:
-    """(policy, why) for train.mixed_precision=`name`; any other value than `auto` is itself.
+def resolve_precision(name: str, path: str, gpu: bool, cpuinfo: str | None = None) -> tuple[str, str]:
+    """(policy, why) for train.mixed_precision=`name` on the kernel path `path` (resolve_kernels); any other
+    value than `auto` is itself.
 
-    auto is mixed_bfloat16 on a CPU with bfloat16 instructions (twice the multiply-add rate; the fast presets
-    keep their accuracy there, docs/performance.md) and float32 elsewhere: on a CPU without them (TensorFlow
-    would emulate bf16, slower than float32), under train.numerics=portable (oneDNN's bf16 kernels are the
-    CPU-specific ones portable turns off) and on a GPU, where the fast presets have always trained in float32.
+    auto is mixed_bfloat16 where bfloat16 runs on bfloat16 hardware through oneDNN (twice the multiply-add rate;
+    the fast presets keep their accuracy there, docs/performance.md) and float32 elsewhere: on a CPU without
+    bf16 instructions or with oneDNN capped below them (TensorFlow would emulate bf16, slower than float32), on
+    Eigen's kernels (train.kernels=eigen) and under train.numerics=portable (no CPU-specific kernels), and on a
+    GPU, where the fast presets have always trained in float32.
     """
     if name != "auto":
         return name, "train.mixed_precision"
     if gpu:
         return "none", "auto: float32 on a GPU"
-    if numerics == "portable":
-        return "none", "auto: train.numerics=portable keeps float32"
-    flags = cpu_facts(cpuinfo)["cpu_isa"].split()
-    found = [flag for flag in BF16_FLAGS if flag in flags]
+    if path != "onednn":
+        return "none", f"auto: {path} kernels keep float32"
+    found = [flag for flag in BF16_FLAGS if flag in usable_flags(cpuinfo)]
     if found:
         return "mixed_bfloat16", f"auto: this CPU has {found[0]}"
+    if set(BF16_FLAGS) & cpu_flags(cpuinfo):
+        return "none", f"auto: ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')} keeps oneDNN below bfloat16"
     return "none", f"auto: this CPU has no bfloat16 instructions ({' or '.join(BF16_FLAGS)}), float32"
 
 

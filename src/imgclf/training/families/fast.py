@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from imgclf.training.augment import FLIPS, Augment
+from imgclf.training.numerics import bf16_native, chosen_kernels
 from imgclf.training.families import REGISTRY, Family
 from imgclf.schema import INT, LIST, NUM, Key, finite, one_of, positive_ints
 
@@ -33,6 +34,9 @@ LR_SCHEDULE = (0.2, 0.23, 1.0, 0.07)  # lr factor: 0.2 at step 0, 1.0 at 23 % of
 LOOKAHEAD_DECAY = 0.95      # per step; a sync every k steps uses 0.95**k * (step / total)**3
 LOOKAHEAD_FROM_EPOCH = 3    # 1-based epoch of the first lookahead sync
 OPTIMIZERS = ("nesterov", "muon")
+# Muon's Newton-Schulz matmuls. auto: airbench's bfloat16 where bfloat16 hardware runs it (a GPU, a CPU with bf16
+# instructions through oneDNN), float32 elsewhere: TensorFlow's emulated bfloat16 matmuls cost more than float32's.
+NS_DTYPES = ("auto", "bfloat16", "float32")
 
 PARAMS = {"model": {"fast": {
     "widths": Key(LIST, lambda v: bool(v) and positive_ints(v), "a non-empty list of positive ints"),
@@ -54,6 +58,7 @@ PARAMS = {"model": {"fast": {
         "bias_learning_rate": Key(NUM, finite(0), "> 0"),
         "head_learning_rate": Key(NUM, finite(0), "> 0"),
         "weight_decay": Key(NUM, finite(0, low_open=False), ">= 0"),
+        "ns_dtype": one_of(NS_DTYPES),
     },
 }}}
 
@@ -244,12 +249,19 @@ def muon(model, params: dict, steps_per_epoch: int):
     scales = {path: rates["bias_learning_rate"] * batch for path in biases}
     scales[model.get_layer("head").kernel.path] = rates["head_learning_rate"] * batch
     whiten_steps = knobs["whiten_bias_epochs"] * steps_per_epoch
+    ns_dtype = rates["ns_dtype"]
+    if ns_dtype == "auto":
+        # train resolves bf16_native for this machine (train.for_this_machine); a bare build asks the CPU
+        native = cfg["bf16_native"] if "bf16_native" in cfg else bf16_native(
+            chosen_kernels(cfg["numerics"], cfg["kernels"])[0], gpu=False)
+        ns_dtype = "bfloat16" if native else "float32"
+        print(f"Muon's Newton-Schulz: {ns_dtype} (auto: {'' if native else 'no '}bfloat16 hardware on this path)")
     return Muon(
         learning_rate=1.0, schedule=(linear_decay, steps_per_epoch * cfg["training_epochs"]),
         momentum=knobs["momentum"], l2=rates["weight_decay"] * batch, scales=scales,
         frozen_after={whiten_bias: whiten_steps}, schedule_totals={whiten_bias: whiten_steps},
         muon_paths=[v.path for v in model.trainable_variables if len(v.shape) == 4],
-        muon_learning_rate=rates["learning_rate"], muon_momentum=rates["momentum"])
+        muon_learning_rate=rates["learning_rate"], muon_momentum=rates["momentum"], ns_dtype=ns_dtype)
 
 
 def compile_model(model, params: dict, steps_per_epoch: int) -> None:
