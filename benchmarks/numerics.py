@@ -68,12 +68,13 @@ def child(preset: str, mode: str, epochs: int) -> dict:
         os.chdir(tmp)  # MLflow puts a sqlite store's artifacts under ./mlruns: here, not in the caller's folder
         from mlflow.tracking import MlflowClient
 
+        from imgclf.tracking.keys import metric_history
         from imgclf.train import train
 
         out = Path(tmp)
         summary = train(params, PREPARED[preset], out / "model.keras", out, out / "checkpoint")
         client = MlflowClient()
-        history = {key: [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], key),
+        history = {key: [m.value for m in sorted(metric_history(client, summary["mlflow_run_id"], key),
                                                    key=lambda m: m.step)] for key in ("epoch_seconds", "loss")}
     return {"weights_sha256": summary["weights_sha256"], **history}
 

@@ -138,13 +138,14 @@ def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict
         from mlflow.tracking import MlflowClient
 
         from imgclf.evaluate import evaluate
+        from imgclf.tracking.keys import metric_history
         from imgclf.train import train
 
         out = Path(tmp)
         summary = train(params, prepared, out / "model.keras", out, out / "checkpoint")
         metrics = evaluate(params, prepared, out / "model.keras", out)
         client = MlflowClient()
-        history = {key: {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], key)}
+        history = {key: {m.step: m.value for m in metric_history(client, summary["mlflow_run_id"], key)}
                    for key in ("epoch_seconds", "dev_accuracy", "dev_f1_macro", "loss")}
         from imgclf.files import modelfile
 

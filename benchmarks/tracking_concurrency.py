@@ -4,7 +4,7 @@ file (the old way to share), (c) the team server: `imgclf-team serve`, an `mlflo
 
 A writer's run is the pipeline's: start the run with its owner tags, ~70 params, ~25 tags, params.yaml as an
 artifact, the prepared data as a dataset input (under the pipeline's sqlite lock, as tracking/runs.py does), then
-`--epochs` per-epoch metric batches (the 8 EPOCH_METRICS, through tracking.EpochLogger) and the final scores.
+`--epochs` per-epoch metric batches (the 8 EPOCH_METRICS, through tracking.runs.log_epoch) and the final scores.
 Writers start together (a barrier, after imports). Per cell: runs per minute (finished runs / wall time), the
 median and 95th percentile of a tracking call, waits (calls of 0.5 s or more: a lock or a busy server made the
 writer wait) and failures (a call that raised). Each cell is repeated; the table gives medians.
@@ -58,11 +58,12 @@ def timed(calls: list[float], fn: Callable, *args, **kwargs):
 
 
 def one_run(uri: str, experiment: str, epochs: int, calls: list[float]) -> None:
-    """What the pipeline logs for one training run (tracking.Tracker / TrainingRun / EpochLogger)."""
+    """What the pipeline logs for one training run (tracking.Tracker / TrainingRun / log_epoch)."""
     import mlflow
 
     from imgclf.tracking.orphans import owner_tags
-    from imgclf.tracking.runs import EpochLogger, _prepared_dataset
+    from imgclf.tracking.keys import metric_key
+    from imgclf.tracking.runs import _prepared_dataset, log_epoch
     from imgclf.tracking.store import after_lost_race, store_lock
     from imgclf.tracking.tracker import Tracker
 
@@ -83,8 +84,8 @@ def one_run(uri: str, experiment: str, epochs: int, calls: list[float]) -> None:
         for epoch in range(1, epochs + 1):
             logs = {"loss": 1.0 / epoch, "loss_sum": 10.0 / epoch, "accuracy": 0.5, "dev_loss": 1.1 / epoch,
                     "dev_accuracy": 0.5, "dev_f1_macro": 0.5, "early_stopping_wait": 0, "epoch_seconds": 1.0}
-            timed(calls, EpochLogger.log, logs, epoch)
-        timed(calls, mlflow.log_metrics, {"dev_f1_macro": 0.9, "epochs_run": epochs}, step=epochs)
+            timed(calls, log_epoch, logs, epoch)
+        timed(calls, mlflow.log_metrics, {metric_key("dev_f1_macro"): 0.9, "epochs_run": epochs}, step=epochs)
     finally:
         timed(calls, mlflow.end_run)
 

@@ -266,12 +266,13 @@ def flaky(server: MlflowServer) -> dict:
     from mlflow.tracking import MlflowClient
 
     from imgclf.metrics import EPOCH_METRICS
+    from imgclf.tracking.keys import metric_key
 
     repo, result, experiment = through_proxy("flaky", server, 3, False)
     client = MlflowClient(server.uri)
     run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0]
-    steps = {k: sorted(m.step for m in client.get_metric_history(run.info.run_id, k)) for k in EPOCH_METRICS
-             if k in run.data.metrics}
+    steps = {k: sorted(m.step for m in client.get_metric_history(run.info.run_id, k))
+             for k in map(metric_key, EPOCH_METRICS) if k in run.data.metrics}
     once = all(s == list(range(1, int(run.data.metrics["epochs_run"]) + 1)) for s in steps.values())
     return row("server 503 x3 + reset", "train", result, None, run.info.status,
                "ref" if weights(repo) == REF["weights"] else "DIFFERENT",

@@ -94,8 +94,9 @@ def test_evaluate_writes_reports_and_logs_into_a_new_run_without_a_record(tmp_pa
     assert run.data.params["evaluate.tta"] == "flip" and run.info.status == "FINISHED"
     assert run.data.tags["evaluated"] == "true"  # what the experiments table counts
     assert run.info.run_name.startswith("report-digits-seed51-eval-")  # not MLflow's seeded random name
-    assert run.data.metrics["dev_accuracy"] == metrics["dev"]["accuracy"]
-    assert not [k for k in run.data.metrics if "/" in k]  # no chart section above "Model metrics"
+    assert run.data.metrics["dev/accuracy"] == metrics["dev"]["accuracy"]
+    # the split's section and no other above "Model metrics" (no per-class section: the CSV below holds those)
+    assert set(run.data.metrics) == {"dev/accuracy", "dev/f1_macro"}
     table = MlflowClient().download_artifacts(run.info.run_id, evaluate.PER_CLASS_CSV, str(tmp_path / "dl"))
     with open(table, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -112,7 +113,7 @@ def test_a_relative_sqlite_tracking_uri_is_the_working_directory_s_file(tmp_path
                                 tmp_path / "reports")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("imgclf").experiment_id])
-    assert run.data.metrics["dev_accuracy"] == metrics["dev"]["accuracy"]
+    assert run.data.metrics["dev/accuracy"] == metrics["dev"]["accuracy"]
 
 
 def test_per_class_curve_files_are_unique_reversible_and_drawn_by_dvc_plots(tmp_path):

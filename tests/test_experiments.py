@@ -77,8 +77,8 @@ def test_every_variant_runs_through_the_dvc_queue_into_the_repo_store(repo_copy)
     assert sorted(r.data.tags["variant"] for r in runs) == sorted(REPORT_VARIANTS)
     for r in runs:
         assert r.info.status == "FINISHED" and r.data.metrics["epochs_run"] == 1
-        assert 0 <= r.data.metrics["dev_f1_macro"] <= 1
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1]
+        assert 0 <= r.data.metrics["dev/f1_macro"] <= 1
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [1]
     assert any(b.info.start_time < a.info.end_time for a, b in zip(runs, runs[1:])), "no two experiments overlapped"
     shallow = next(r for r in runs if r.data.tags["variant"] == "shallow")
     assert shallow.data.params["model.kernel_size"] == "[5, 16]" and shallow.data.params["train.training_epochs"] == "1"
@@ -186,10 +186,10 @@ def test_the_table_counts_only_evaluated_runs(tmp_path, monkeypatch, empty_store
     client = MlflowClient(uri)
     exp = client.create_experiment("t", artifact_location=(tmp_path / "mlruns").as_uri())
 
-    def finished(seed: int, f1: float, metrics: dict | None = None, **tags) -> str:
+    def finished(seed: int, f1: float, metrics: dict | None = None, score: str = "dev_f1_macro", **tags) -> str:
         run_id = client.create_run(exp, tags={"variant": "fast", **tags}).info.run_id
         client.log_param(run_id, "seed", str(seed))
-        for key, value in {"dev_f1_macro": f1, **(metrics or {})}.items():
+        for key, value in {score: f1, **(metrics or {})}.items():
             client.log_metric(run_id, key, value, step=3)
         client.set_terminated(run_id)
         return run_id
@@ -198,7 +198,11 @@ def test_the_table_counts_only_evaluated_runs(tmp_path, monkeypatch, empty_store
     finished(51, 0.5)  # newer, never evaluated: its evaluate failed, or an `imgclf rerun` of the variant
     legacy = finished(52, 0.8, {"dev_f1_per_class/cat": 0.8})  # evaluated before the tag existed
     finished(53, 0.4)
-    assert [r.info.run_id for r in latest_runs("t", None, None)["fast"]] == [evaluated, legacy]
+    current = finished(54, 0.7, {"test/f1_macro": 0.6}, score="dev/f1_macro", evaluated="true")  # keys since #43
+    runs = latest_runs("t", None, None)["fast"]
+    assert [r.info.run_id for r in runs] == [evaluated, legacy, current]
+    assert summarize("fast", runs)["f1"] == pytest.approx((0.8, 0.1))
+    assert summarize("fast", runs)["test_f1_macro"] is None  # only one of the three runs was scored on test
 
 
 @pytest.mark.e2e  # the console script in its own process (test_cli checks the same message in-process)

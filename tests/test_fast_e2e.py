@@ -44,8 +44,8 @@ def test_fast_family_through_dvc_exp_run_then_reruns_and_resumes_bit_identically
     assert logged.info.status == "FINISHED" and logged.data.params["model.arch"] == "fast"
     assert logged.data.params["evaluate.tta"] == "flip_translate" and logged.data.params["model.fast.flip"] == "alternating"
     assert logged.data.tags["weights_sha256"] == trained["weights_sha256"]
-    assert logged.data.metrics["dev_f1_macro"] == pytest.approx(metrics["dev"]["f1_macro"])
-    assert sorted(m.step for m in client.get_metric_history(run_id, "dev_accuracy")) == [*range(1, 7), 6]
+    assert logged.data.metrics["dev/f1_macro"] == pytest.approx(metrics["dev"]["f1_macro"])
+    assert sorted(m.step for m in client.get_metric_history(run_id, "dev/accuracy")) == [*range(1, 7), 6]
 
     # A second process, same params and data: the same weights, bit for bit.
     cmd = ["imgclf", *set_args(sets), "train"]

@@ -435,6 +435,7 @@ def test_a_flaky_tracking_server_is_retried_and_every_epoch_metric_is_logged_exa
     from mlflow.tracking import MlflowClient
 
     from imgclf.metrics import EPOCH_METRICS
+    from imgclf.tracking.keys import metric_key
 
     ws, experiment = workspace(tmp_path), f"flaky-{os.getpid()}-{time.time_ns()}"
     proxy = FlakyProxy(mlflow_server, fail_first=3)
@@ -450,8 +451,8 @@ def test_a_flaky_tracking_server_is_retried_and_every_epoch_metric_is_logged_exa
     [trained] = finished_runs(mlflow_server, experiment)
     assert trained.info.status == "FINISHED"
     client, epochs = MlflowClient(mlflow_server), int(trained.data.metrics["epochs_run"])
-    logged = [key for key in EPOCH_METRICS if key in trained.data.metrics]
-    assert "loss" in logged and "dev_loss" in logged
+    logged = [key for key in map(metric_key, EPOCH_METRICS) if key in trained.data.metrics]
+    assert "train/loss" in logged and "dev/loss" in logged
     for key in logged:
         steps = sorted(m.step for m in client.get_metric_history(trained.info.run_id, key))
         assert steps == list(range(1, epochs + 1)), (key, steps)  # no gap, no duplicate

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 def test_promote_registers_sets_the_alias_refuses_a_worse_run_unless_forced_and_predict_uses_it(trained, trained_copy):
     repo, first = trained_copy, trained.run_id
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    score = client.get_run(first).data.metrics["dev_f1_macro"]
+    score = client.get_run(first).data.metrics["dev/f1_macro"]
     proc = run(["imgclf", "promote", first], repo)
     assert f"models:/imgclf@champion -> version 1 (MLflow run {first}): first @champion: dev_f1_macro " in proc.stdout
     version = client.get_model_version_by_alias("imgclf", "champion")
@@ -28,11 +28,11 @@ def test_promote_registers_sets_the_alias_refuses_a_worse_run_unless_forced_and_
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", version.tags["promoted_at"])
     # The scores evaluate logged are on the logged model too, where MLflow's model view shows them.
     model_id = client.get_run(first).outputs.model_outputs[-1].model_id
-    assert {m.key for m in client.get_logged_model(model_id).metrics} >= {"dev_f1_macro", "dev_accuracy"}
+    assert {m.key for m in client.get_logged_model(model_id).metrics} >= {"dev/f1_macro", "dev/accuracy"}
 
     # A second run on the same data that scores lower: refused, the alias stays; --force moves it.
     second = re.search(r"\(run (\w+)\)", run(["imgclf", "rerun", first], repo).stdout).group(1)
-    client.log_metric(second, "dev_f1_macro", score - 0.1, step=10_000)
+    client.log_metric(second, "dev/f1_macro", score - 0.1, step=10_000)
     client.set_tag(second, "evaluated", "true")
     proc = run(["imgclf", "promote", second], repo, check=False)
     assert proc.returncode == 2 and error_line(proc.stderr, "promote") == (
@@ -78,7 +78,8 @@ def test_a_run_evaluated_on_other_data_is_refused_unless_forced(trained, trained
     original = client.get_run(first)
     tags = {"evaluated": "true", "data_digest": "0" * 64}
     smoke = client.create_run(original.info.experiment_id, tags=tags).info.run_id
-    client.log_metric(smoke, "dev_f1_macro", original.data.metrics["dev_f1_macro"] + 0.1)  # better, on other data
+    # better, on other data; logged under the name runs had before #43, which promote reads as well
+    client.log_metric(smoke, "dev_f1_macro", original.data.metrics["dev/f1_macro"] + 0.1)
     client.log_outputs(smoke, [LoggedModelOutput(original.outputs.model_outputs[-1].model_id, 0)])
     client.set_terminated(smoke)
     proc = run(["imgclf", "promote", smoke], repo, check=False)

@@ -74,7 +74,7 @@ def test_tracking_server_dying_mid_training_fails_fast_in_one_line(prepared_copy
         train = subprocess.Popen(cmd, cwd=repo_copy, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  text=True)
         try:
-            run_id = wait_for_metric(server.uri, "imgclf", "loss").info.run_id
+            run_id = wait_for_metric(server.uri, "imgclf", "train/loss").info.run_id
             server.kill()
             killed = time.monotonic()
             _, stderr = train.communicate(timeout=180)

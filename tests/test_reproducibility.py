@@ -37,7 +37,7 @@ def loss_only(history: list[dict]) -> list[tuple]:
 
 def logged_losses(client, run_id: str) -> list[tuple]:
     """loss_only's columns as the run logged them to MLflow, epoch by epoch."""
-    keys = ("loss", "loss_sum", "dev_loss")
+    keys = ("train/loss", "train/loss_sum", "dev/loss")
     by_key = [sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys]
     assert [[step for step, _ in steps] for steps in by_key] == [[step for step, _ in by_key[0]]] * len(keys)
     return [(step, *(steps[i][1] for steps in by_key)) for i, (step, _) in enumerate(by_key[0])]
@@ -98,7 +98,7 @@ def test_same_seed_same_weights_resume_after_kill_and_rerun(prepared_copy):
     assert not (repo_copy / "models/checkpoint").exists()
     mlflow.set_tracking_uri(f"sqlite:///{repo_copy / 'mlflow.db'}")
     client = MlflowClient()
-    steps = sorted(m.step for m in client.get_metric_history(after["mlflow_run_id"], "loss"))
+    steps = sorted(m.step for m in client.get_metric_history(after["mlflow_run_id"], "train/loss"))
     assert steps == list(range(1, 21))
     assert client.get_run(after["mlflow_run_id"]).info.status == "FINISHED"
 

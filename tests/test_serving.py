@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -141,8 +142,8 @@ def test_an_answer_names_the_class_its_probability_and_the_top_k():
                    "top_k": [{"class": "dog", "probability": 0.7}, {"class": "owl", "probability": 0.2}]}
 
 
-def tiny_net(size: int = 12, outputs: int = 3):
-    keras.utils.set_random_seed(0)
+def tiny_net(size: int = 12, outputs: int = 3, seed: int = 0):
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((size, size, 3))
     flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
     return keras.Model(inputs, keras.layers.Dense(outputs)(flat))
@@ -194,27 +195,111 @@ def test_the_logged_pyfunc_answers_as_imgclf_predict_does_with_the_runs_tta(tmp_
             [r[f"top{i}_class"] for i in (1, 2, 3)] for r in rows]
 
 
+def refused_at_load(local: Path, **model_config) -> str:
+    """The one line mlflow.pyfunc.load_model of the model at `local` is refused with (it must be refused)."""
+    with pytest.raises(ImgclfError) as err:
+        mlflow.pyfunc.load_model(str(local), model_config=model_config or None)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def as_logged_before_weights_json(local: Path) -> None:
+    """Rewrite the model at `local` as log_served_model logged it before weights.json: the sha256 in model_config."""
+    import yaml
+
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    flavor = mlmodel["flavors"]["python_function"]
+    del flavor["artifacts"]["weights"]
+    flavor["config"]["weights_sha256"] = json.loads((local / "artifacts/weights.json").read_text())["weights_sha256"]
+    (local / "artifacts/weights.json").unlink()
+    (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+
 def test_the_served_model_checks_its_weights_and_its_class_names_when_it_loads(tmp_path, empty_store):
+    from imgclf.files.modelfile import save
+
     uri, run_id = log_tiny_model(tmp_path, empty_store, "none")
+    sha = weights_sha256(tiny_net())
     with tracking_uri(uri):
+        params = mlflow.tracking.MlflowClient().get_run(run_id).data.params
+        assert params["tta"] == "none" and "weights_sha256" not in params  # a result, not a setting
         local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path / "dl")))
         logged = mlflow.pyfunc.load_model(str(local))  # as logged: loads, its limits and weights' hash recorded
-        assert logged.model_config == {"tta": "none", "top_k": 3, "weights_sha256": weights_sha256(tiny_net()),
-                                       **RequestLimits().as_config()}
+        assert logged.model_config == {"tta": "none", "top_k": 3, **RequestLimits().as_config()}
+        assert json.loads((local / "artifacts/weights.json").read_text()) == {"weights_sha256": sha}
         limited = mlflow.pyfunc.load_model(str(local), model_config={"max_images": 1})  # what a person changes
         with pytest.raises(BadRequest, match="^2 images, more than the 1 a request may hold"):
             limited.predict(np.zeros((2, 12, 12, 3), np.uint8))
-        with pytest.raises(ImgclfError, match=r"model.keras: its weights \(sha256 \w{12}\) are not the ones training "
-                                              r"recorded in the logged model's model_config \(000000000000\)"):
-            mlflow.pyfunc.load_model(str(local), model_config={"weights_sha256": "0" * 64})
+        net, intact = local / "artifacts/model.keras", (local / "artifacts/model.keras").read_bytes()
+        save(tiny_net(seed=1), net)  # another run's net of the same shape
+        swapped = weights_sha256(tiny_net(seed=1))
+        refusal = (rf"^{re.escape(str(net))}: its weights \(sha256 {swapped[:12]}\) are not the ones training "
+                   rf"recorded in the logged weights.json \({sha[:12]}\): the file is damaged or from another run")
+        assert re.match(refusal, refused_at_load(local))
+        assert re.match(refusal, refused_at_load(local, weights_sha256=swapped))  # no override of the record
+        # The record is weights.json's: naming the swapped net's hash there (and only there) lets it load.
+        (local / "artifacts/weights.json").write_text(json.dumps({"weights_sha256": swapped}))
+        assert mlflow.pyfunc.load_model(str(local))
+        for damaged, reason in (("{", "JSONDecodeError: Expecting property name"), ("[]", "TypeError: list"),
+                                ('{"weights_sha256": 7}', "weights_sha256 is 7")):
+            (local / "artifacts/weights.json").write_text(damaged)
+            assert refused_at_load(local).startswith(
+                f"{local / 'artifacts/weights.json'}: not the {{\"weights_sha256\": \"<64 hex digits>\"}} training "
+                f"logs ({reason}")
+        (local / "artifacts/weights.json").write_text(json.dumps({"weights_sha256": sha}))
+        net.write_bytes(intact)
         names = local / "artifacts" / "classes.json"
         for wrong in (CLASSES + ["emu"], CLASSES[:2]):
             names.write_text(json.dumps(wrong))
-            with pytest.raises(ImgclfError) as err:
-                mlflow.pyfunc.load_model(str(local))
-            assert str(err.value).endswith(f"model.keras: the net has 3 outputs but the logged classes.json names "
-                                           f"{len(wrong)} classes: they are from different runs; predict with the "
-                                           "model and class names of one run (--run RUN_ID, or retrain)")
+            assert refused_at_load(local).endswith(
+                f"model.keras: the net has 3 outputs but the logged classes.json names {len(wrong)} classes: they are "
+                "from different runs; predict with the model and class names of one run (--run RUN_ID, or retrain)")
+        names.write_text(json.dumps(CLASSES))
+
+
+def test_a_model_logged_with_its_weights_sha256_in_model_config_still_loads_and_is_checked(tmp_path, empty_store):
+    from imgclf.files.modelfile import save
+
+    uri, run_id = log_tiny_model(tmp_path, empty_store, "none")
+    with tracking_uri(uri):
+        local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path / "dl")))
+    as_logged_before_weights_json(local)
+    old = mlflow.pyfunc.load_model(str(local))
+    assert old.model_config["weights_sha256"] == weights_sha256(tiny_net())
+    assert old.predict(np.zeros((1, 12, 12, 3), np.uint8))["class"].tolist()[0] in CLASSES
+    refusal = r"model.keras: its weights \(sha256 {}\) are not the ones training recorded in the logged model's " \
+              r"model_config \({}\): the file is damaged or from another run"
+    sha, swapped = weights_sha256(tiny_net()), weights_sha256(tiny_net(seed=1))
+    assert re.search(refusal.format(sha[:12], "000000000000"), refused_at_load(local, weights_sha256="0" * 64))
+    save(tiny_net(seed=1), local / "artifacts/model.keras")  # another run's net of the same shape
+    assert re.search(refusal.format(swapped[:12], sha[:12]), refused_at_load(local))
+
+
+@pytest.mark.e2e
+@pytest.mark.xdist_group("serving")
+def test_a_trained_run_keeps_its_weights_sha256_as_a_tag_and_beside_its_model_not_as_a_param(trained, tmp_path):
+    from imgclf.files.modelfile import load, save
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{trained.repo / 'mlflow.db'}")
+    logged = client.get_run(trained.run_id).data
+    assert "weights_sha256" not in logged.params and {"tta", "top_k", "max_images"} <= set(logged.params)
+    sha = json.loads((trained.repo / "reports/train.json").read_text())["weights_sha256"]
+    assert logged.tags["weights_sha256"] == sha
+    with tracking_uri(f"sqlite:///{trained.repo / 'mlflow.db'}"):
+        local = Path(mlflow.artifacts.download_artifacts(f"runs:/{trained.run_id}/model", dst_path=str(tmp_path)))
+    assert json.loads((local / "artifacts/weights.json").read_text()) == {"weights_sha256": sha}
+    assert mlflow.pyfunc.load_model(str(local)).unwrap_python_model().classes
+    net = load(local / "artifacts/model.keras", sha)
+    net.layers[-1].kernel.assign(net.layers[-1].kernel + 1e-3)  # a tampered file: the same net, one layer off
+    save(net, local / "artifacts/model.keras")
+    line = (rf"model.keras: its weights \(sha256 \w{{12}}\) are not the ones training recorded in the logged "
+            rf"weights.json \({sha[:12]}\): the file is damaged or from another run")
+    assert re.search(line, refused_at_load(local))
+    # The server does not start: its log holds that line (after the model's traceback, before MLflow's own).
+    served = run([str(BIN / "mlflow"), "models", "serve", "-m", str(local), "--env-manager", "local", "-h",
+                  "127.0.0.1", "-p", str(free_port())], tmp_path, check=False, timeout=180)
+    assert served.returncode != 0 and re.search(rf"^imgclf.errors.ImgclfError: {re.escape(str(local))}/artifacts/"
+                                                + line, served.stderr, re.MULTILINE)
 
 
 @contextlib.contextmanager

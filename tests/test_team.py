@@ -25,13 +25,14 @@ from conftest import ALWAYS_RUN, BIN, copy_trained, dvc_status, finished_runs, f
 from conftest import stages_run, wait_until
 from imgclf.config import load_params
 from imgclf.metrics import EPOCH_METRICS
+from imgclf.tracking.keys import metric_key
 from imgclf.tracking.tracker import Tracker
 from test_dvc_remote import cached_files
 
 # One worker runs the whole module: its server, sshd and repo are built once and shared by its tests.
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("team")]
 SSHD = "/usr/sbin/sshd"
-FINAL_TOO = ("dev_f1_macro", "dev_accuracy")  # evaluate logs the final score at the last epoch's step as well
+FINAL_TOO = ("dev/f1_macro", "dev/accuracy")  # evaluate logs the final score at the last epoch's step as well
 
 
 class TeamServer:
@@ -214,7 +215,7 @@ def test_two_queued_experiments_log_each_epoch_once_and_register_on_the_server(t
         assert r.info.status == "FINISHED" and r.data.tags["evaluated"] == "true"
         epochs = list(range(1, int(r.data.metrics["epochs_run"]) + 1))
         history = metric_history(client, r.info.run_id)
-        for key in EPOCH_METRICS:
+        for key in map(metric_key, EPOCH_METRICS):
             steps = [step for step, _ in history[key]]
             assert steps == epochs + ([epochs[-1]] if key in FINAL_TOO else []), (key, steps)
     versions = client.search_model_versions("name = 'teamnet'")

@@ -146,7 +146,7 @@ def test_system_metrics_are_sampled_only_when_asked(client, monkeypatch):
 
 
 def test_the_early_stop_outcome_is_logged_as_metrics_not_params_and_read_back_from_old_runs(client, tmp_path):
-    from imgclf.tracking.runs import outcome
+    from imgclf.tracking.keys import outcome
 
     p = params()
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -173,3 +173,39 @@ def test_the_early_stop_outcome_is_logged_as_metrics_not_params_and_read_back_fr
     assert (outcome(old_run, "early_stopped"), outcome(old_run, "best_loss"), outcome(old_run, "stopped_epoch")) == (
         1.0, 7.0, 8.0)
     assert outcome(old_run, "best_epoch") is None
+
+
+def test_scores_are_logged_under_sectioned_keys_and_read_back_under_either_name(client):
+    """#43: the run page opens on the dev curves and the training loss because their keys carry a section (the
+    split); readers take runs logged before that with the flat names."""
+    from imgclf.metrics import EPOCH_METRICS
+    from imgclf.tracking.keys import metric_history, metric_key, run_metric
+    from imgclf.tracking.runs import EvaluationRun, log_epoch
+
+    assert [metric_key(k) for k in EPOCH_METRICS] == [
+        "train/loss", "train/loss_sum", "train/accuracy", "dev/loss", "dev/accuracy", "dev/f1_macro",
+        "early_stopping_wait", "epoch_seconds"]
+    assert [metric_key(k) for k in ("test_f1_macro", "test_accuracy", "best_loss", "dev", "development_x")] == [
+        "test/f1_macro", "test/accuracy", "best_loss", "dev", "development_x"]
+    experiment = client.create_experiment("keys")
+    new = client.create_run(experiment).info.run_id
+    import mlflow
+
+    with mlflow.start_run(run_id=new):
+        for epoch in (1, 2):
+            log_epoch({k: float(epoch) for k in EPOCH_METRICS}, epoch)
+        EvaluationRun(new).log_final({"dev_f1_macro": 0.75, "test_accuracy": 0.5}, 2, [], {})
+    run = client.get_run(new)
+    sections = {k.rpartition("/")[0] for k in run.data.metrics}
+    assert sections == {"", "train", "dev", "test"}, sections
+    assert not {"loss", "dev_f1_macro", "test_accuracy"} & set(run.data.metrics)
+    old = client.create_run(experiment).info.run_id  # as logged before #43
+    for step, value in ((1, 3.0), (2, 2.0)):
+        client.log_metric(old, "loss", value, step=step)
+    client.log_metric(old, "dev_f1_macro", 0.5, step=2)
+    old_run = client.get_run(old)
+    assert (run_metric(run, "dev_f1_macro"), run_metric(old_run, "dev_f1_macro")) == (0.75, 0.5)
+    assert run_metric(run, "test_accuracy") == 0.5 and run_metric(old_run, "test_accuracy") is None
+    assert sorted((m.step, m.value) for m in metric_history(client, new, "loss")) == [(1, 1.0), (2, 2.0)]
+    assert sorted((m.step, m.value) for m in metric_history(client, old, "loss")) == [(1, 3.0), (2, 2.0)]
+    assert metric_history(client, old, "epoch_seconds") == []

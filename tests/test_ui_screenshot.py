@@ -48,9 +48,10 @@ def assert_one_line_failure(proc: subprocess.CompletedProcess, *words: str) -> N
 
 
 @pytest.mark.e2e
-def test_a_run_page_opens_on_model_metrics_with_the_dev_curves(trained, tmp_path):
-    """#43: MLflow lists a prefixed section (the per-class `dev_f1_per_class/...` metrics were one) above "Model
-    metrics"; a run's page, drawn in a real browser, must open on the curves."""
+def test_a_run_page_opens_on_the_dev_curves_and_the_training_loss(trained, tmp_path):
+    """#43: MLflow lists the sections named by key prefixes, by name, above "Model metrics" (the per-class
+    `dev_f1_per_class/...` metrics were one); a run's page, drawn in a real browser, must open on the dev curves and
+    the training loss, which tracking/keys.py names `dev/...` and `train/...` for that."""
     needs_chromium()
     store = tmp_path / "mlflow.db"
     shutil.copy(trained.repo / "mlflow.db", store)  # the shared run is read only: the server gets a copy
@@ -60,11 +61,13 @@ def test_a_run_page_opens_on_model_metrics_with_the_dev_curves(trained, tmp_path
     assert proc.stdout.strip().endswith(f"/runs/{trained.run_id}/model-metrics") and proc.stderr == ""
     assert png_size(out) == (1600, 1000)
     html = dom.read_text()
-    sections = [name for name, _ in SECTION.findall(html)]
-    assert sections == ["Model metrics"], sections
-    # the charts on the first screen (MLflow draws the others when scrolled to): one per key, in name order
+    sections = SECTION.findall(html)
+    assert [name for name, _ in sections] == ["dev", "train", "Model metrics"], sections
+    assert sections[:2] == [("dev", "3"), ("train", "3")], sections
+    # the charts on the first screen (MLflow draws the others when scrolled to): the two sections', in name order
     charts = re.findall(r'<h4 [^>]*title="([^"]+)"', html)
-    assert {"accuracy", "dev_accuracy", "dev_f1_macro", "dev_loss"} <= set(charts) and charts == sorted(charts), charts
+    assert charts[:6] == ["dev/accuracy", "dev/f1_macro", "dev/loss", "train/accuracy", "train/loss",
+                          "train/loss_sum"], charts
 
 
 @pytest.mark.e2e

@@ -36,16 +36,20 @@ def draw(splits: dict, logits: dict, results: dict, classes: list[str], reports_
 
 def write_predictions(y_true: np.ndarray, logits: np.ndarray, classes: list[str], path: Path) -> None:
     """actual,predicted class names per dev image: the data of DVC's confusion-matrix plot."""
+    # The minimal quoting quotes a field holding a comma, a quote or a character of the line terminator ("\n"
+    # only), so a "\r" in a name would go unquoted and a reader would end the row there: then every field is
+    # quoted. Only then: ordinary names keep the file's bytes (the default run's is committed, tracked by dvc.lock).
+    quoting = csv.QUOTE_ALL if any("\r" in name for name in classes) else csv.QUOTE_MINIMAL
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf, lineterminator="\n", quoting=quoting)
     writer.writerow(["actual", "predicted"])
     writer.writerows((classes[a], classes[p]) for a, p in zip(y_true, logits.argmax(axis=1)))
-    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue()))
+    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8", newline=""))
 
 
-# MLflow's run page lists every metric section named by a key's prefix (`dev_f1_per_class/...`) above "Model
-# metrics" (the unprefixed keys: loss and the dev curves), so per-class scores as metrics would open the page on
-# them. MLflow's own classifier evaluator keeps them in this table artifact instead; so does evaluate.
+# MLflow's run page lists a chart section per key prefix, by name, above "Model metrics": per-class scores as
+# metrics (`dev_f1_per_class/...`) would put ten charts between the dev curves and the training loss
+# (tracking/keys.py). MLflow's own classifier evaluator keeps them in this table artifact instead; so does evaluate.
 PER_CLASS_CSV = "per_class_metrics.csv"
 
 

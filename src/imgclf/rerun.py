@@ -98,7 +98,9 @@ def check_same_data(run, prepared_dir: str | Path) -> None:
 
 
 def loss_history(client, run_id: str) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    from imgclf.tracking.keys import metric_history
+
+    return {m.step: m.value for m in metric_history(client, run_id, "loss")}
 
 
 def first_difference(old: dict[int, float], new: dict[int, float]) -> int | None:

@@ -14,7 +14,7 @@ from imgclf.files.paths import EXPERIMENTS_MD, EXPERIMENTS_PNG, REPORTS_DIR
 
 
 def evaluated(run) -> bool:
-    """Whether `evaluate` logged the run's final scores. Training logs `dev_f1_macro` per epoch under the same
+    """Whether `evaluate` logged the run's final scores. Training logs the dev macro-F1 per epoch under the same
     key, so its presence proves nothing: the `evaluated` tag does, or, in runs logged before that tag existed,
     the per-class scores that only evaluate logs."""
     from imgclf.tracking.context import EVALUATED, PER_CLASS
@@ -26,6 +26,7 @@ def latest_runs(experiment: str, variants: list[str] | None, seeds: list[int] | 
     """{variant: [latest finished and evaluated MLflow run per seed]}, from the tracking store."""
     import mlflow
 
+    from imgclf.tracking.keys import run_metric
     from imgclf.tracking.store import configure
 
     configure()
@@ -37,7 +38,7 @@ def latest_runs(experiment: str, variants: list[str] | None, seeds: list[int] | 
     for run in runs:
         variant, seed = run.data.tags.get("variant"), int(run.data.params.get("seed", -1))
         if variant in PRESETS and (not variants or variant in variants) and (not seeds or seed in seeds) \
-                and "dev_f1_macro" in run.data.metrics and evaluated(run):
+                and run_metric(run, "dev_f1_macro") is not None and evaluated(run):
             chosen.setdefault(variant, {}).setdefault(seed, run)  # newest first: keep the first seen
     return {v: [chosen[v][s] for s in sorted(chosen[v])] for v in PRESETS if v in chosen}
 
@@ -51,9 +52,9 @@ def mean_std(values: list[float]) -> tuple[float, float] | None:
 def summarize(variant: str, runs: list) -> dict:
     """One table row: seeds, F1 mean and std (all runs, and without collapsed ones), collapsed seeds, epochs,
     early stops, run ids, the report's number."""
-    from imgclf.tracking.runs import outcome
+    from imgclf.tracking.keys import outcome, run_metric
 
-    f1 = [r.data.metrics["dev_f1_macro"] for r in runs]
+    f1 = [run_metric(r, "dev_f1_macro") for r in runs]
     collapsed = [r.data.tags.get("collapsed") == "true" for r in runs]
     return {
         "variant": variant,
@@ -67,7 +68,7 @@ def summarize(variant: str, runs: list) -> dict:
         "run_ids": [r.info.run_id for r in runs],
         "report": PRESETS[variant].report_f1,
         # the data's own test split, when it has one (cifar10, folder/npz with test/): every run scored it
-        **{key: mean_std([r.data.metrics[key] for r in runs]) if all(key in r.data.metrics for r in runs) else None
+        **{key: mean_std(scores) if None not in (scores := [run_metric(r, key) for r in runs]) else None
            for key in ("test_f1_macro", "test_accuracy")},
     }
 

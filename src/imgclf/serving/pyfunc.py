@@ -8,6 +8,10 @@ JSON), which are converted as `prepare` converts a folder's images, in any of ML
 request limits of data/policy.py; serving/request.py answers anything else with a one-line HTTP 400
 (docs/serving.md). When it loads, the net's weights must hash to the sha256 logged with it and its outputs must
 match the class names, or the server does not start.
+
+The sha256 is an artifact (weights.json), not model_config: MLflow logs every model_config key as a run parameter,
+and the hash is a result, not a setting (the training run's `weights_sha256` tag holds it too). A model logged
+before has it in model_config, and still loads and is still checked.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +31,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 TOP_K = 3  # classes per answer (at most the number of classes)
+WEIGHTS_JSON = "weights.json"  # the artifact that holds {"weights_sha256": ...}
 
 
 def answers(probs: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
@@ -39,8 +45,28 @@ def answers(probs: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
     return rows
 
 
+def recorded_weights(context) -> tuple[str | None, str]:
+    """The weights' sha256 logged with the model, and where: its weights.json artifact, or (a model logged before
+    that artifact) its model_config; None where neither has one."""
+    from imgclf.errors import ImgclfError, one_line
+
+    if "weights" not in context.artifacts:
+        return (context.model_config or {}).get("weights_sha256"), "the logged model's model_config"
+    path = Path(context.artifacts["weights"])
+    try:
+        sha = json.loads(path.read_text(encoding="utf-8"))["weights_sha256"]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        sha, reason = None, f"{type(exc).__name__}: {one_line(exc)}"[:160]
+    else:
+        reason = f"weights_sha256 is {sha!r:.80}"
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ImgclfError(f"{path}: not the {{\"weights_sha256\": \"<64 hex digits>\"}} training logs ({reason}); "
+                          "log the model again (rerun training) or serve another run's")
+    return sha, f"the logged {WEIGHTS_JSON}"
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """The pyfunc: the .keras net and class names as artifacts, the TTA and top-k as model_config."""
+    """The pyfunc: the .keras net, class names and weights' sha256 as artifacts; TTA, top-k, limits as model_config."""
 
     # Its input is a tensor or encoded images in any of MLflow's JSON forms, which no single type hint names:
     # to_images checks it and answers a bad one in one line. Without this MLflow asks for type hints in a
@@ -55,9 +81,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         from imgclf.serving.classes import check_outputs
 
         path = context.artifacts["model"]
+        expected, recorded_in = recorded_weights(context)
         self.model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        check_weights(self.model, expected, path, recorded_in)
         config = context.model_config or {}
-        check_weights(self.model, config.get("weights_sha256"), path, "the logged model's model_config")
         names = json.loads(Path(context.artifacts["classes"]).read_text())
         self.classes = check_outputs(self.model, names, path, "the logged classes.json")
         self.tta, self.top_k = config.get("tta", "none"), int(config.get("top_k", TOP_K))
@@ -94,9 +121,9 @@ def quiet_logger(name: str):
 
 
 def log_served_model(model, classes: list[str], tta: str, register_as: str | None) -> None:
-    """Log the model as the pyfunc `mlflow models serve` runs (this module): the .keras net and the class names as
-    artifacts, the package's code beside them; the run's TTA, the weights' sha256 and the request limits as its
-    model_config; with its signature and an input example."""
+    """Log the model as the pyfunc `mlflow models serve` runs (this module): the .keras net, the class names and the
+    weights' sha256 as artifacts, the package's code beside them; the run's TTA, top-k and the request limits (the
+    settings a server may override) as its model_config; with its signature and an input example."""
     import keras
     import numpy as np
     import pandas as pd
@@ -119,11 +146,14 @@ def log_served_model(model, classes: list[str], tta: str, register_as: str | Non
     with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp, quiet_logger("mlflow.pyfunc"):
         save(model, Path(tmp) / "model.keras")
         (Path(tmp) / "classes.json").write_text(json.dumps(classes))
+        (Path(tmp) / WEIGHTS_JSON).write_text(json.dumps({"weights_sha256": weights_sha256(model)}))
         mlflow.pyfunc.log_model(
             name="model", python_model=__file__, code_paths=[package_copy(Path(tmp) / "code")],
-            artifacts={"model": str(Path(tmp) / "model.keras"), "classes": str(Path(tmp) / "classes.json")},
-            model_config={"tta": tta, "top_k": top_k, "weights_sha256": weights_sha256(model),
-                          **RequestLimits().as_config()}, signature=signature, input_example=example,
+            artifacts={name: str(Path(tmp) / file) for name, file in
+                       (("model", "model.keras"), ("classes", "classes.json"), ("weights", WEIGHTS_JSON))},
+            # Every model_config key becomes a run param (MLflow): only settings here, no results.
+            model_config={"tta": tta, "top_k": top_k, **RequestLimits().as_config()},
+            signature=signature, input_example=example,
             pip_requirements=requirements, registered_model_name=register_as)
 
 

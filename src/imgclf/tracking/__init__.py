@@ -7,6 +7,7 @@ context.py   a run's name, its params as MLflow logs them, lineage and environme
 orphans.py   runs left RUNNING by a process that died
 tracker.py   Tracker: connects, opens, reopens and ends pipeline runs
 runs.py      one handle per stage: TrainingRun, EvaluationRun (and NullRun for a non-chief worker)
+keys.py      the scores' MLflow keys (`train/loss`, `dev/f1_macro`), read back from runs of either naming
 promotion.py `imgclf promote`: a registry alias on a run's model version, guarded by the dev score
 verdict.py   `imgclf rerun` on another kind of machine: did the result reproduce, by the preset's seed spread
 

@@ -16,8 +16,9 @@ import re
 import socket
 
 from imgclf.errors import ImgclfError
+from imgclf.tracking.keys import run_metric
 
-SCORE = "dev_f1_macro"  # the final dev macro-F1 `evaluate` logs (its last value)
+SCORE = "dev_f1_macro"  # the final dev macro-F1 `evaluate` logs (its last value), as tracking/keys.py names it
 RUN_ID = re.compile(r"[0-9a-zA-Z][\w-]{0,255}")  # what MLflow accepts as a run id
 
 
@@ -37,10 +38,11 @@ def score(run) -> float:
     """The run's final dev macro-F1; a run evaluate never finished has none to promote on."""
     from imgclf.tracking.context import EVALUATED
 
-    if run.data.tags.get(EVALUATED) != "true" or SCORE not in run.data.metrics:
+    value = run_metric(run, SCORE)
+    if run.data.tags.get(EVALUATED) != "true" or value is None:
         raise ImgclfError(f"MLflow run {run.info.run_id} has no final {SCORE} (its evaluate stage did not finish); "
                           "evaluate it first (`dvc repro`), or pick an evaluated run in `mlflow ui`")
-    return run.data.metrics[SCORE]
+    return value
 
 
 def version_of(client, name: str, run) -> str:
@@ -88,7 +90,8 @@ def check_not_worse(run, held, alias: str, force: bool) -> str:
                               f"than version {version.version} (run {holder.info.run_id}, {theirs[:12]}), @{alias} "
                               f"now: their {SCORE} cannot be compared; pass --force to promote it anyway")
         return f"{SCORE} {new:.4f} on other dev data than version {version.version} (not compared, --force)"
-    old = holder.data.metrics.get(SCORE, float("-inf"))
+    old = run_metric(holder, SCORE)
+    old = float("-inf") if old is None else old
     if new < old and not force:
         raise ImgclfError(f"MLflow run {run.info.run_id} scores {SCORE} {new:.4f}, below {old:.4f} of version "
                           f"{version.version} (run {holder.info.run_id}), @{alias} now, on the same dev data; "

@@ -16,22 +16,8 @@ from imgclf.files.code import code_digest
 from imgclf.files.paths import HISTORY_CSV, LOSS_PNG
 from imgclf.metrics import EPOCH_METRICS
 from imgclf.tracking.context import EVALUATED, environment_tags, lineage_tags, run_params
+from imgclf.tracking.keys import OUTCOME_METRICS, metric_history, metric_key
 from imgclf.tracking.store import after_lost_race, store_lock
-
-
-# The early stop's outcome, logged as metrics (params until #43: readers of runs accept both, see outcome()).
-OUTCOME_METRICS = ("early_stopped", "stopped_epoch", "best_epoch", "best_loss")
-
-
-def outcome(run, key: str) -> float | None:
-    """An early-stop outcome of a run as a number: its metric, else (runs logged before #43) its param or tag."""
-    if key in run.data.metrics:
-        return run.data.metrics[key]
-    old = run.data.params.get(key, run.data.tags.get(key))
-    try:
-        return float({"True": 1, "False": 0}.get(old, old))
-    except (TypeError, ValueError):  # absent, or not a number
-        return None
 
 
 class TrainingRun:
@@ -66,7 +52,7 @@ class TrainingRun:
 
     def log_missing_epochs(self, history: list[dict]) -> None:
         """After a resume: log the checkpointed epochs the interrupted process did not get to log."""
-        logged = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(self.run_id, "loss")}
+        logged = {m.step for m in metric_history(mlflow.tracking.MlflowClient(), self.run_id, "loss")}
         for row in history:
             if row["epoch"] not in logged:
                 log_epoch(row, row["epoch"])
@@ -108,7 +94,8 @@ class EvaluationRun:
         `evaluated` tag, which is what tells these final scores from training's per-epoch ones."""
         # The scores go to the logged model too (MLflow's model view and the registry show them); logged with its
         # id, a point is the run's as well, so each key is logged once.
-        mlflow.log_metrics(metrics, step=step, model_id=logged_model_id(mlflow.get_run(self.run_id)))
+        mlflow.log_metrics({metric_key(k): v for k, v in metrics.items()}, step=step,
+                           model_id=logged_model_id(mlflow.get_run(self.run_id)))
         for path in reports:
             mlflow.log_artifact(str(path))
         for name, text in texts.items():
@@ -152,7 +139,7 @@ def _prepared_dataset(manifest: dict):
 
 def log_epoch(logs: dict, step: int) -> None:
     """Log an epoch's loss, loss_sum, dev metrics, early-stopping wait and time at step = epoch."""
-    mlflow.log_metrics({k: float(logs[k]) for k in EPOCH_METRICS if k in logs}, step=step)
+    mlflow.log_metrics({metric_key(k): float(logs[k]) for k in EPOCH_METRICS if k in logs}, step=step)
 
 
 def epoch_logger():

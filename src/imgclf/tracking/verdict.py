@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imgclf.tracking.keys import metric_history, run_metric
+
 # The tags that say which kind of machine computed a run (tracking.context's environment tags).
 MACHINE_TAGS = ("cpu_model", "cpu_isa", "device")
 
@@ -60,7 +62,7 @@ def other_machine(original_tags: dict, new_tags: dict) -> list[str]:
 def final_score(client, run_id: str, metric: str) -> float | None:
     """`metric` at the run's last epoch as training logged it (evaluate may log the same key later, at the
     same step, with TTA: the earliest point of the last step is training's)."""
-    history = client.get_metric_history(run_id, metric)
+    history = metric_history(client, run_id, metric)
     if not history:
         return None
     last = max(m.step for m in history)
@@ -106,7 +108,7 @@ def test_scores(original, new) -> list[str]:
     no seed spread is measured on test)."""
     lines = []
     for key in ("test_f1_macro", "test_accuracy"):
-        before, now = original.data.metrics.get(key), new.data.metrics.get(key)
+        before, now = run_metric(original, key), run_metric(new, key)
         if before is not None:
             lines.append(f"  {key}: original {before:.4f}, rerun "
                          + (f"{now:.4f}" if now is not None else "not evaluated (run `imgclf evaluate` on it)"))
