@@ -151,11 +151,9 @@ def child(config: str, seed: int, prepared: str, epochs: int, kind: str) -> dict
 
         macs = forward_macs(modelfile.load(out / "model.keras"))
         kernels = client.get_run(summary["mlflow_run_id"]).data.tags.get("kernels")
-        from imgclf.training.numerics import bf16_native
+        from imgclf.training.families.fast import newton_schulz_dtype
 
-        ns_dtype = params["model"]["fast"]["muon"]["ns_dtype"]
-        if ns_dtype == "auto":  # as the family resolves it (this benchmark runs on CPUs)
-            ns_dtype = "bfloat16" if bf16_native(kernels, gpu=False) else "float32"
+        ns_dtype = newton_schulz_dtype(params)  # in this process, as the family resolved it for the run
     epochs = sorted(history["epoch_seconds"])
     train_images = json.loads((Path(prepared) / "manifest.json").read_text())["splits"]["train"]["count"]
     return {"config": config, "seed": seed, "macs": macs, "train_seconds": summary["train_seconds"],

@@ -249,19 +249,29 @@ def muon(model, params: dict, steps_per_epoch: int):
     scales = {path: rates["bias_learning_rate"] * batch for path in biases}
     scales[model.get_layer("head").kernel.path] = rates["head_learning_rate"] * batch
     whiten_steps = knobs["whiten_bias_epochs"] * steps_per_epoch
-    ns_dtype = rates["ns_dtype"]
-    if ns_dtype == "auto":
-        # train resolves bf16_native for this machine (train.for_this_machine); a bare build asks the CPU
-        native = cfg["bf16_native"] if "bf16_native" in cfg else bf16_native(
-            chosen_kernels(cfg["numerics"], cfg["kernels"])[0], gpu=False)
-        ns_dtype = "bfloat16" if native else "float32"
-        print(f"Muon's Newton-Schulz: {ns_dtype} (auto: {'' if native else 'no '}bfloat16 hardware on this path)")
+    ns_dtype = newton_schulz_dtype(params)
+    if rates["ns_dtype"] == "auto":
+        print(f"Muon's Newton-Schulz: {ns_dtype} (auto: {'' if ns_dtype == 'bfloat16' else 'no '}bfloat16 "
+              "hardware on this path)")
     return Muon(
         learning_rate=1.0, schedule=(linear_decay, steps_per_epoch * cfg["training_epochs"]),
         momentum=knobs["momentum"], l2=rates["weight_decay"] * batch, scales=scales,
         frozen_after={whiten_bias: whiten_steps}, schedule_totals={whiten_bias: whiten_steps},
         muon_paths=[v.path for v in model.trainable_variables if len(v.shape) == 4],
         muon_learning_rate=rates["learning_rate"], muon_momentum=rates["momentum"], ns_dtype=ns_dtype)
+
+
+def newton_schulz_dtype(params: dict) -> str:
+    """model.fast.muon.ns_dtype as Muon runs it: `auto` is airbench's bfloat16 only where bfloat16 has hardware on
+    the kernel path (a GPU, a CPU with avx512_bf16/amx_bf16 through oneDNN), float32 elsewhere, where emulated
+    bfloat16 matmuls cost more than they save."""
+    cfg, asked = params["train"], params["model"]["fast"]["muon"]["ns_dtype"]
+    if asked != "auto":
+        return asked
+    # train resolves bf16_native for this machine (train.for_this_machine); a bare build asks the CPU
+    native = cfg["bf16_native"] if "bf16_native" in cfg else bf16_native(
+        chosen_kernels(cfg["numerics"], cfg["kernels"])[0], gpu=False)
+    return "bfloat16" if native else "float32"
 
 
 def compile_model(model, params: dict, steps_per_epoch: int) -> None:
