@@ -125,3 +125,32 @@ def test_any_tree_of_links_ends_sorted_deterministic_each_real_folder_once(tmp_p
     # every real file in the tree (reached without links) is listed, under some path
     plain = {os.path.realpath(Path(d, f)) for d, _, fs in os.walk(root) for f in fs if not Path(d, f).is_symlink()}
     assert plain <= {os.path.realpath(root / n) for n in first}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b
+                                                     and not b.startswith(b".")),
+       as_folder=st.booleans())
+def test_a_name_that_is_not_utf8_is_refused_in_one_line_by_every_walker_user(tmp_path, raw, as_folder):
+    """Linux names are bytes: one that is not UTF-8 (Python holds it with surrogate escapes) could not be written
+    into the manifest, a report or MLflow, so the walker names it instead of a traceback further on."""
+    from imgclf.serving.predict import expand
+
+    root = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+    folder = os.path.join(os.fsencode(root), b"train", raw if as_folder else b"cat")
+    os.makedirs(folder)
+    name = os.path.join(folder, b"0.png" if as_folder else raw + b".png")
+    save_image(Path(os.fsdecode(name)), color=(1, 2, 3))
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        walked = (folder if as_folder else name).decode("utf-8", "backslashreplace")  # the first such name
+        given = name.decode("utf-8", "backslashreplace")
+        for call, culprit in ((lambda: names(root), walked), (lambda: load_folder(root, 8), walked),
+                              (lambda: source_files(root), walked), (lambda: expand([str(root)]), walked),
+                              (lambda: expand([os.fsdecode(name)]), given)):
+            with pytest.raises(DataError) as err:
+                call()
+            assert str(err.value) == f"{culprit}: its name is not UTF-8 (the \\x bytes shown); rename it in UTF-8"
+    else:
+        assert names(root) == [os.fsdecode(name)[len(str(root)) + 1:]]

@@ -9,7 +9,8 @@ Policy (the same for all three, so what prepare reads is what the fingerprint ha
   to another does not move the other's images into it.
 - A broken symlink (its target missing, or a link to itself), a folder that cannot be listed and a special
   file (FIFO, socket, device) are refused in one line naming the path: its content would otherwise vanish
-  silently, or a read of it could hang.
+  silently, or a read of it could hang. So is a name that is not UTF-8 (Linux allows any bytes): a class named
+  by it could not be written into the manifest, the reports or MLflow.
 - The files come sorted by their path relative to the root ("/" separated), whatever the file system's order.
 """
 
@@ -38,6 +39,15 @@ def _entries(folder: str) -> list[os.DirEntry]:
             return sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError as exc:
         raise _refuse(Path(folder), exc) from None
+
+
+def check_utf8(path: str) -> None:
+    """Refuse a path Python could only decode with surrogate escapes (its bytes are not UTF-8)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise DataError(f"{shown}: its name is not UTF-8 (the \\x bytes shown); rename it in UTF-8") from None
 
 
 def _mode(entry: os.DirEntry) -> int:
@@ -75,8 +85,10 @@ def walk_files(root: str | Path, suffixes: Collection[str] | None = None) -> Ite
         for entry in _entries(folder):
             name, mode = f"{rel}{entry.name}", _mode(entry)
             if stat.S_ISDIR(mode):
+                check_utf8(entry.path)
                 subfolders.append((entry.path, f"{name}/"))
             elif suffixes is None or os.path.splitext(entry.name)[1].lower() in suffixes:
+                check_utf8(entry.path)
                 if not stat.S_ISREG(mode):
                     raise DataError(f"{entry.path}: not a regular file (a FIFO, socket or device); remove it")
                 found.append((name, entry.path))

@@ -26,7 +26,7 @@ from imgclf.errors import DataError, ImgclfError
 from imgclf.files import modelfile
 from imgclf.files.atomic import atomic_write, read_json
 from imgclf.files.paths import MANIFEST, MODEL_PATH, PREPARED_DIR, REPORTS_DIR, TRAIN_SUMMARY
-from imgclf.files.walk import walk_files
+from imgclf.files.walk import check_utf8, walk_files
 from imgclf.serving.classes import check_outputs
 from imgclf.tta import probabilities, ranked
 
@@ -129,7 +129,7 @@ def _glob(pattern: str, walked: list[str]) -> Iterator[str]:
 
 def expand(paths: Iterable[str]) -> list[str]:
     """Files as given; folders walked for images (files/walk.py); glob patterns expanded to their image files and
-    their folders' images. A file reached twice (`pics/**` matches a folder and the files in it; a symlink to a
+    their folders' images; a path that is not UTF-8 is refused in one line (files/walk.py). A file reached twice (`pics/**` matches a folder and the files in it; a symlink to a
     folder listed already) is listed once, where first reached. A pattern that matches nothing stays, to become a
     row that says so."""
     found: dict[str, str] = {}  # real path -> the path as first reached, in order
@@ -143,6 +143,7 @@ def expand(paths: Iterable[str]) -> list[str]:
         else:
             files = [arg]
         for path in files:
+            check_utf8(path)  # the CSV and the terminal take text: refused before any prediction is made
             found.setdefault(os.path.realpath(path), path)
     return list(found.values())
 
