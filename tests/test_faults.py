@@ -391,7 +391,7 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
         data = reply.read()
         upstream.close()
         with proxy.lock:
-            reset = not proxy.resets and self.path.endswith("/runs/log-batch") and b'"dev_loss"' in body
+            reset = not proxy.resets and self.path.endswith("/runs/log-batch") and b'"dev/loss"' in body
             proxy.resets += reset
         if reset:  # stored upstream, then the connection dies before the reply: the client must retry
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -187,10 +187,13 @@ def test_scores_are_logged_under_sectioned_keys_and_read_back_under_either_name(
         "early_stopping_wait", "epoch_seconds"]
     assert [metric_key(k) for k in ("test_f1_macro", "test_accuracy", "best_loss", "dev", "development_x")] == [
         "test/f1_macro", "test/accuracy", "best_loss", "dev", "development_x"]
-    experiment = client.create_experiment("keys")
-    new = client.create_run(experiment).info.run_id
     import mlflow
 
+    from imgclf.tracking.store import configure
+
+    configure()  # the fluent API at the client's store (the working directory's), as the pipeline points it
+    experiment = client.create_experiment("keys")
+    new = client.create_run(experiment).info.run_id
     with mlflow.start_run(run_id=new):
         for epoch in (1, 2):
             log_epoch({k: float(epoch) for k in EPOCH_METRICS}, epoch)
