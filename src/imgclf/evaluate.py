@@ -34,17 +34,26 @@ def draw(splits: dict, logits: dict, results: dict, classes: list[str], reports_
     figures.plot_pr_curves(curves, "dev", reports_dir / PR_CURVES_PNG)
 
 
-def write_predictions(y_true: np.ndarray, logits: np.ndarray, classes: list[str], path: Path) -> None:
-    """actual,predicted class names per dev image: the data of DVC's confusion-matrix plot."""
-    # The minimal quoting quotes a field holding a comma, a quote or a character of the line terminator ("\n"
-    # only), so a "\r" in a name would go unquoted and a reader would end the row there: then every field is
-    # quoted. Only then: ordinary names keep the file's bytes (the default run's is committed, tracked by dvc.lock).
+def csv_text(header: list[str], rows, classes: list[str]) -> str:
+    """The rows under `header` as "\n"-terminated CSV, for rows that hold class names.
+
+    The minimal quoting quotes a field holding a comma, a quote or a character of the line terminator ("\n"
+    only), so a "\r" in a name would go unquoted and a reader would end the row there: then every field is
+    quoted. Only then: ordinary names keep the files' bytes (the default run's dev_predictions.csv is committed,
+    tracked by dvc.lock)."""
     quoting = csv.QUOTE_ALL if any("\r" in name for name in classes) else csv.QUOTE_MINIMAL
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n", quoting=quoting)
-    writer.writerow(["actual", "predicted"])
-    writer.writerows((classes[a], classes[p]) for a, p in zip(y_true, logits.argmax(axis=1)))
-    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8", newline=""))
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_predictions(y_true: np.ndarray, logits: np.ndarray, classes: list[str], path: Path) -> None:
+    """actual,predicted class names per dev image: the data of DVC's confusion-matrix plot."""
+    pairs = ((classes[a], classes[p]) for a, p in zip(y_true, logits.argmax(axis=1)))
+    text = csv_text(["actual", "predicted"], pairs, classes)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 # MLflow's run page lists a chart section per key prefix, by name, above "Model metrics": per-class scores as
@@ -60,13 +69,9 @@ def final_metrics(results: dict) -> dict[str, float]:
 
 def per_class_table(results: dict, classes: list[str]) -> str:
     """split,class,precision,recall,f1,support per evaluated split and class: the per-class scores as CSV."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)  # a "\r" in a name stays in it
-    writer.writerow(["split", "class", "precision", "recall", "f1", "support"])
-    for split, res in results.items():
-        writer.writerows([split, c, *(res["per_class"][c][k] for k in ("precision", "recall", "f1", "support"))]
-                         for c in classes)
-    return buf.getvalue()
+    scores = ("precision", "recall", "f1", "support")
+    return csv_text(["split", "class", *scores], ([split, c, *(res["per_class"][c][k] for k in scores)]
+                                                  for split, res in results.items() for c in classes), classes)
 
 
 def log_to_mlflow(tracker, run_id: str | None, results: dict, classes: list[str], train: dict, tta: str,
