@@ -140,15 +140,6 @@ def bf16_native(path: str, gpu: bool, cpuinfo: str | None = None) -> bool:
     return gpu or (path == "onednn" and bool(usable_flags(cpuinfo) & set(BF16_FLAGS)))
 
 
-def numerics_ready(mode: str, kernels: str = "auto") -> bool:
-    """Whether this process's TensorFlow runs (or will run) with `mode`'s kernels."""
-    if "tensorflow" not in sys.modules:
-        return True
-    if mode == "portable":
-        return all(os.environ.get(k) == v for k, v in NUMERICS_ENV[mode].items())
-    return onednn_ops_on() == (chosen_kernels(mode, kernels)[0] == "onednn")
-
-
 def kernels_env(mode: str, kernels: str = "auto") -> dict[str, str]:
     """What TensorFlow has to start with for train.numerics=`mode` and train.kernels=`kernels`: portable's
     environment, or the oneDNN switch where TensorFlow's own choice on this CPU differs from the path's."""
@@ -156,6 +147,12 @@ def kernels_env(mode: str, kernels: str = "auto") -> dict[str, str]:
         return NUMERICS_ENV[mode]
     wanted = chosen_kernels(mode, kernels)[0] == "onednn"
     return {} if onednn_ops_on() == wanted else {"TF_ENABLE_ONEDNN_OPTS": "1" if wanted else "0"}
+
+
+def numerics_ready(mode: str, kernels: str = "auto") -> bool:
+    """Whether this process's TensorFlow runs (or will run) with `mode`'s kernels: not loaded yet, or loaded with
+    nothing of kernels_env left to set."""
+    return "tensorflow" not in sys.modules or all(os.environ.get(k) == v for k, v in kernels_env(mode, kernels).items())
 
 
 def use_numerics(mode: str, kernels: str = "auto") -> None:
